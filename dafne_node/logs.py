@@ -1,0 +1,50 @@
+"""Logging set-up for the command line and services: plain text or JSON lines.
+
+Hospital IT ships node logs to their collectors (journald, Loki, Splunk), which
+want one JSON object per line; people at a terminal want readable text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Literal
+
+LogFormat = Literal["text", "json"]
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record with time, level, logger, message and extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record`` as a JSON line; ``extra=`` fields become keys."""
+        payload: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        payload.update(
+            {key: value for key, value in record.__dict__.items() if key not in _RESERVED}
+        )
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def setup_logging(level: str = "warning", fmt: LogFormat = "text") -> None:
+    """Send log records to stderr at ``level`` in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
