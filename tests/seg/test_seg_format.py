@@ -148,7 +148,7 @@ def test_viewer_made_seg_is_decoded_by_segment_code(
     label_file = tmp_path / "edited.nrrd"
     sitk.WriteImage(image, str(label_file))
     attributes = [
-        [{
+        {
             "labelID": viewer_numbers[label.value],
             "SegmentDescription": f"edited {label.name}",
             "SegmentAlgorithmType": "MANUAL",
@@ -159,13 +159,13 @@ def test_viewer_made_seg_is_decoded_by_segment_code(
                 "CodeValue": label.type_code.value, "CodingSchemeDesignator": "SCT",
                 "CodeMeaning": label.type_code.meaning},
             "recommendedDisplayRGBValue": [200, 50, 50],
-        }]
+        }
         for label in sorted(LEG_MUSCLES, key=lambda lbl: viewer_numbers[lbl.value])
     ]
     meta = {
         "ContentCreatorName": "Radiologist^Test", "ClinicalTrialSeriesID": "1",
         "ClinicalTrialTimePointID": "1", "SeriesDescription": "Corrected", "SeriesNumber": "300",
-        "InstanceNumber": "1", "BodyPartExamined": "LEG", "segmentAttributes": attributes,
+        "InstanceNumber": "1", "BodyPartExamined": "LEG", "segmentAttributes": [attributes],
         "ContentLabel": "EDITED", "ContentDescription": "Corrected muscles",
     }
     meta_file = tmp_path / "meta.json"

@@ -1,0 +1,265 @@
+"""The node's configuration: one TOML file, environment overrides, validated at start.
+
+Hospital IT edits one file; containers and systemd units override single values
+with ``DAFNE_*`` variables. Every value is checked before anything starts, and
+an error names the key (``dicom.port``) and what is wrong with it, because a
+node that starts with a typo and fails at 3 a.m. is worse than one that refuses
+to start.
+
+Environment variables: ``DAFNE_<SECTION>__<KEY>`` sets any key (for example
+``DAFNE_DICOM__PORT=104``); the common ones also have short names, listed in
+:data:`SHORT_ENV_NAMES` (``DAFNE_DB_URL``, ``DAFNE_DATA_DIR`` …).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "DAFNE_"
+
+SHORT_ENV_NAMES: dict[str, tuple[str, ...]] = {
+    "DAFNE_DATA_DIR": ("node", "data_dir"),
+    "DAFNE_DB_URL": ("database", "url"),
+    "DAFNE_AE_TITLE": ("dicom", "ae_title"),
+    "DAFNE_PORT": ("dicom", "port"),
+    "DAFNE_HTTP_PORT": ("http", "port"),
+    "DAFNE_QUIET_PERIOD": ("assembly", "quiet_period_s"),
+}
+"""Short environment variable names for the settings people change most."""
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(stripped) or "\\" in stripped:
+        raise ValueError("an AE title is 1-16 printable characters without backslash")
+    return stripped
+
+
+class NodeSection(_Section):
+    """Where the node keeps its state."""
+
+    data_dir: Path = Path("dafne-data")
+    name: str = "dafne-node"
+
+
+class Caller(_Section):
+    """A modality or PACS allowed to send to the node."""
+
+    ae_title: str
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DicomSection(_Section):
+    """The DICOM Storage SCP."""
+
+    ae_title: str = "DAFNE"
+    bind: str = "0.0.0.0"  # a DICOM node listens on the hospital network
+    port: int = Field(default=11112, ge=1, le=65535)
+    max_associations: int = Field(default=16, ge=1, le=256)
+    allowed_callers: list[Caller] = Field(default_factory=list)
+    min_free_disk_mb: int = Field(default=1024, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class HttpSection(_Section):
+    """The admin HTTP API (health, status, metrics)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=1, le=65535)
+
+
+class DatabaseSection(_Section):
+    """SQLite in the data directory unless a URL is given (PostgreSQL for production)."""
+
+    url: str | None = None
+
+
+class AssemblySection(_Section):
+    """When a series counts as complete."""
+
+    quiet_period_s: float = Field(default=10.0, gt=0, le=3600)
+
+
+class Destination(_Section):
+    """A DICOM node that receives SEGs, usually the PACS."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Route(_Section):
+    """Which series are segmented by which model and where the SEG goes.
+
+    Every given condition must match; absent ones match anything.
+    """
+
+    name: str
+    calling_ae: str | None = None
+    modality: str | None = "MR"
+    body_part: str | None = None
+    series_description: str | None = None
+    image_type: str | None = None
+    min_slices: int = Field(default=1, ge=1)
+    model: str = "default"
+    destinations: list[str] = Field(default_factory=list)
+
+    @field_validator("series_description")
+    @classmethod
+    def _valid_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
+class SendingSection(_Section):
+    """Retries of C-STORE to destinations, with exponential back-off."""
+
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    backoff_initial_s: float = Field(default=2.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+
+
+class ModelSection(_Section):
+    """The model directory to use; the bundled default model when unset."""
+
+    dir: Path | None = None
+    precision: str = Field(default="auto", pattern="^(auto|bf16|fp32)$")
+
+
+class NodeConfig(_Section):
+    """Everything a node needs, with defaults that run out of the box."""
+
+    node: NodeSection = NodeSection()
+    dicom: DicomSection = DicomSection()
+    http: HttpSection = HttpSection()
+    database: DatabaseSection = DatabaseSection()
+    assembly: AssemblySection = AssemblySection()
+    destinations: list[Destination] = Field(default_factory=list)
+    default_destination: str | None = None
+    routes: list[Route] = Field(default_factory=list)
+    sending: SendingSection = SendingSection()
+    model: ModelSection = ModelSection()
+
+    @property
+    def database_url(self) -> str:
+        """The configured URL, or SQLite inside the data directory."""
+        return self.database.url or f"sqlite:///{self.node.data_dir.resolve() / 'dafne.db'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where received instances are stored."""
+        return self.node.data_dir / "spool"
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name``.
+
+        Raises
+        ------
+        ConfigError
+            If there is none.
+        """
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise ConfigError(f"destinations: no destination named {name!r}")
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str, ...], Any] | None = None,
+) -> NodeConfig:
+    """Read ``path`` (if any), apply environment variables then ``overrides``, validate.
+
+    ``overrides`` are command-line flags, keyed by their path in the file
+    (``("dicom", "port")``); they win over the environment, which wins over the file.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and every invalid key with the reason.
+    """
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: no such configuration file") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    for keys, value in _environment_overrides(os.environ if environ is None else environ):
+        _set(raw, keys, value)
+    for keys, value in (overrides or {}).items():
+        if value is not None:
+            _set(raw, keys, value)
+    try:
+        config = NodeConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from exc
+    _check_references(config, source)
+    return config
+
+
+def _check_references(config: NodeConfig, source: str) -> None:
+    names = {destination.name for destination in config.destinations}
+    wanted = [(f"routes.{route.name}.destinations", name)
+              for route in config.routes for name in route.destinations]
+    if config.default_destination is not None:
+        wanted.append(("default_destination", config.default_destination))
+    for key, name in wanted:
+        if name not in names:
+            raise ConfigError(f"{source}: {key}: no destination named {name!r}")
+
+
+def _environment_overrides(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]:
+    found: list[tuple[tuple[str, ...], Any]] = []
+    for name, value in environ.items():
+        if name in SHORT_ENV_NAMES:
+            found.append((SHORT_ENV_NAMES[name], value))
+        elif name.startswith(ENV_PREFIX) and "__" in name:
+            keys = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+            found.append((keys, value))
+    return found
+
+
+def _set(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    target = raw
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {key} is not a section")
+    target[keys[-1]] = value
