@@ -15,9 +15,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dafne_node import __version__
 from dafne_node.logs import setup_logging
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from dafne_node.config import NodeConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,11 +65,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(exc: Exception) -> bool:
+    from dafne_node.config import ConfigError
     from dafne_node.ml.manifest import ModelError
     from dafne_node.seg.decode import SegmentationError
     from dafne_node.volume import InputError
 
-    return isinstance(exc, UserError | InputError | ModelError | SegmentationError | OSError)
+    return isinstance(
+        exc, UserError | ConfigError | InputError | ModelError | SegmentationError | OSError
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_segment(commands)
     _add_compare(commands)
+    _add_status(commands)
+    _add_jobs(commands)
     _add_phantom(commands)
     _add_model(commands)
     return parser
@@ -124,6 +135,48 @@ def _add_segment(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                      help="arithmetic for inference; auto = bf16 where the CPU supports it")
     sub.set_defaults(handler=run_segment)
+
+
+def _add_config_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--config", type=Path, metavar="node.toml",
+                     help="configuration file (default: built-in defaults; DAFNE_* "
+                          "environment variables override it)")
+    sub.add_argument("--data-dir", type=Path, metavar="DIR",
+                     help="folder with all the node's state (database, spool, results)")
+
+
+def _add_status(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "status",
+        help="what the node received, what is queued, failed or undelivered",
+        description=(
+            "Summarise the node from its database: instances and series received, jobs by "
+            "state, the outbox per destination with the last error, skipped series with the "
+            "reason, and the current model. Works while the node runs."
+        ),
+        epilog="examples:\n  dafne-node status --data-dir /var/lib/dafne\n"
+               "  dafne-node status --json | jq .jobs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_options(sub)
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.set_defaults(handler=run_status)
+
+
+def _add_jobs(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser("jobs", help="act on jobs (retry failed ones)",
+                              description="Act on the node's jobs.")
+    actions = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
+    retry = actions.add_parser(
+        "retry", help="put a failed job back to work",
+        description="Retry a failed job: undelivered SEGs are sent again; a job that failed "
+                    "before producing its SEG runs again from the start.",
+        epilog="example:\n  dafne-node jobs retry 42 --data-dir /var/lib/dafne",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    retry.add_argument("job_ids", nargs="+", type=int, metavar="JOB_ID")
+    _add_config_options(retry)
+    retry.set_defaults(handler=run_jobs_retry)
 
 
 def _add_compare(commands: argparse._SubParsersAction) -> None:
@@ -240,6 +293,53 @@ def run_segment(args: argparse.Namespace) -> int:
         f"write {time.perf_counter() - written_at:.2f})"
     )
     return EXIT_OK
+
+
+def _load_node_config(args: argparse.Namespace) -> NodeConfig:
+    from dafne_node.config import load_config
+
+    return load_config(args.config, overrides={("node", "data_dir"): args.data_dir})
+
+
+def _open_database(config: NodeConfig) -> sessionmaker[Session]:
+    from db.migrate import upgrade
+    from db.session import make_engine, make_session_factory
+
+    engine = make_engine(config.database_url)
+    upgrade(engine)
+    return make_session_factory(engine)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Print the node's status from its database."""
+    from dafne_node.models import active_model_info
+    from dafne_node.status import collect_status, format_status
+
+    config = _load_node_config(args)
+    sessions = _open_database(config)
+    with sessions() as session:
+        name, generation = active_model_info(session, config)
+        status = collect_status(session, model_name=name, model_generation=generation)
+    print(status.model_dump_json(indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def run_jobs_retry(args: argparse.Namespace) -> int:
+    """Retry failed jobs by id."""
+    from dafne_node.jobs import JobError, retry_job
+    from db.session import session_scope
+
+    sessions = _open_database(_load_node_config(args))
+    failures = 0
+    for job_id in args.job_ids:
+        try:
+            with session_scope(sessions) as session:
+                job = retry_job(session, job_id)
+                print(f"job {job_id}: {job.state.value}")
+        except JobError as exc:
+            print(f"dafne-node jobs retry: {exc}", file=sys.stderr)
+            failures += 1
+    return EXIT_REFUSED if failures else EXIT_OK
 
 
 def run_compare(args: argparse.Namespace) -> int:

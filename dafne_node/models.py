@@ -1,0 +1,59 @@
+"""Which model generation the node uses, as recorded in its database.
+
+The ``models`` table says which generation is active, so that ``status``, the
+admin API and every worker process agree, and a generation pulled from the
+federation later becomes active with one row change.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from dafne_node.config import NodeConfig
+from db.base import utcnow
+from db.node_models import Model
+
+LOGGER = logging.getLogger(__name__)
+
+
+def register_active_model(
+    session: Session, *, name: str, generation: int, path: str, sha256: str, source: str,
+    manifest: dict[str, object] | None = None,
+) -> Model:
+    """Record a verified model directory and make it the active generation of ``name``."""
+    row = session.scalars(
+        select(Model).where(Model.name == name, Model.generation == generation)
+    ).first()
+    if row is None:
+        row = Model(name=name, generation=generation, path=path, sha256=sha256, source=source,
+                    manifest=manifest)
+        session.add(row)
+    elif row.sha256 != sha256 or row.path != path:
+        LOGGER.warning("model %s generation %d changed on disk (%s -> %s)", name, generation,
+                       row.sha256[:12], sha256[:12])
+        row.sha256, row.path, row.manifest = sha256, path, manifest
+    if not row.active:
+        session.execute(
+            update(Model).where(Model.name == name, Model.active).values(active=False)
+        )
+        session.flush()
+        row.active = True
+        row.activated_at = utcnow()
+    session.flush()
+    return row
+
+
+def active_model_info(session: Session, config: NodeConfig) -> tuple[str, int]:
+    """Name and generation of the active model, from the database or else the model on disk."""
+    row = session.scalars(
+        select(Model).where(Model.active).order_by(Model.activated_at.desc())
+    ).first()
+    if row is not None:
+        return row.name, row.generation
+    from dafne_node.ml.manifest import default_model_dir, load_manifest  # noqa: PLC0415 - torch
+
+    manifest = load_manifest(config.model.dir or default_model_dir())
+    return manifest.name, manifest.generation
