@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from dafne_node.config import NodeConfig
+    from dicom_scp.sender import Destination
 
 LOGGER = logging.getLogger(__name__)
 
@@ -95,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of unexpected errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    _add_worker(commands)
     _add_segment(commands)
     _add_compare(commands)
     _add_status(commands)
     _add_jobs(commands)
+    _add_echo(commands)
+    _add_send(commands)
     _add_phantom(commands)
     _add_model(commands)
     return parser
@@ -143,6 +148,85 @@ def _add_config_options(sub: argparse.ArgumentParser) -> None:
                           "environment variables override it)")
     sub.add_argument("--data-dir", type=Path, metavar="DIR",
                      help="folder with all the node's state (database, spool, results)")
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "serve",
+        help="run the DICOM node: receive, segment, send SEGs back",
+        description=(
+            "Run the node: a DICOM Storage SCP receives studies pushed from PACS, each series "
+            "is segmented once it has been quiet for the quiet period, and the DICOM-SEG is "
+            "sent to the destination of the matching route (or --dest). With no "
+            "configuration at all it runs on SQLite, a spool and the bundled model in "
+            "./dafne-data, AE title DAFNE on port 11112, admin API on 127.0.0.1:8765. "
+            "Flags override the configuration file, which environment variables (DAFNE_*) "
+            "override too. Stops cleanly on SIGTERM; work in progress resumes at the next start."
+        ),
+        epilog=(
+            "examples:\n"
+            "  dafne-node serve --dest ORTHANC@pacs.hospital.local:4242\n"
+            "  dafne-node serve --config /etc/dafne/node.toml\n"
+            "  DAFNE_DB_URL=postgresql+psycopg://dafne@db/dafne dafne-node serve"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_options(sub)
+    sub.add_argument("--ae-title", help="the node's AE title (default DAFNE)")
+    sub.add_argument("--port", type=int, help="DICOM port (default 11112)")
+    sub.add_argument("--http-port", type=int, help="admin API port (default 8765)")
+    sub.add_argument("--dest", metavar="AE@HOST:PORT",
+                     help="where SEGs go when no route names a destination")
+    sub.add_argument("--quiet-period", type=float, metavar="SECONDS",
+                     help="a series is complete after this long without a new instance "
+                          "(default 10)")
+    sub.set_defaults(handler=run_serve)
+
+
+def _add_worker(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "worker",
+        help="an extra processing process sharing the node's PostgreSQL database",
+        description=(
+            "Run only assembly, segmentation and delivery, without the DICOM receiver or the "
+            "admin API. Start several on one PostgreSQL database (DAFNE_DB_URL) to segment "
+            "in parallel; a job is never processed twice."
+        ),
+        epilog="example:\n  DAFNE_DB_URL=postgresql+psycopg://dafne@db/dafne dafne-node worker "
+               "--config /etc/dafne/node.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_options(sub)
+    sub.set_defaults(handler=run_worker)
+
+
+def _add_echo(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "echo", help="C-ECHO a DICOM node (test a route)",
+        description="Send a C-ECHO to AE@host:port, as a PACS administrator does to test a "
+                    "route. Exit code 0 when the peer answers success.",
+        epilog="example:\n  dafne-node echo ORTHANC@pacs.hospital.local:4242",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("destination", metavar="AE@HOST:PORT")
+    sub.add_argument("--calling-ae", default="DAFNE", help="our AE title (default DAFNE)")
+    sub.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    sub.set_defaults(handler=run_echo)
+
+
+def _add_send(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "send", help="C-STORE DICOM files to a node (test a route)",
+        description="Send DICOM files (folders are searched recursively) to AE@host:port "
+                    "over one association and report each file's status.",
+        epilog="example:\n  dafne-node send /tmp/leg/images --to DAFNE@127.0.0.1:11112",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    sub.add_argument("--to", required=True, metavar="AE@HOST:PORT", help="the receiver")
+    sub.add_argument("--calling-ae", default="DAFNE", help="our AE title (default DAFNE)")
+    sub.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    sub.set_defaults(handler=run_send)
 
 
 def _add_status(commands: argparse._SubParsersAction) -> None:
@@ -308,6 +392,87 @@ def _open_database(config: NodeConfig) -> sessionmaker[Session]:
     engine = make_engine(config.database_url)
     upgrade(engine)
     return make_session_factory(engine)
+
+
+def _serve_config(args: argparse.Namespace) -> NodeConfig:
+    from dafne_node.config import load_config
+    overrides: dict[tuple[str, ...], object] = {
+        ("node", "data_dir"): args.data_dir,
+        ("dicom", "ae_title"): args.ae_title,
+        ("dicom", "port"): args.port,
+        ("http", "port"): args.http_port,
+        ("assembly", "quiet_period_s"): args.quiet_period,
+    }
+    if args.dest:
+        dest = _destination(args.dest, "--dest")
+        overrides[("destinations",)] = [
+            {"name": "dest", "ae_title": dest.ae_title, "host": dest.host, "port": dest.port}
+        ]
+        overrides[("default_destination",)] = "dest"
+    return load_config(args.config, overrides=overrides)
+
+
+def _destination(text: str, what: str) -> Destination:
+    from dicom_scp.sender import parse_destination
+
+    try:
+        return parse_destination(text)
+    except ValueError as exc:
+        raise UserError(f"{what}: {exc}") from exc
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run every part of the node until SIGTERM."""
+    from dafne_node.services import Node
+
+    config = _serve_config(args)
+    node = Node(config)
+    print(f"Dafne node {config.dicom.ae_title} on port {config.dicom.port}, admin API "
+          f"http://{config.http.host}:{config.http.port}, data in {config.node.data_dir}, "
+          f"model {node.model_info[0]} g{node.model_info[1]}", flush=True)
+    node.run_until_signalled()
+    return EXIT_OK
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run the processing parts only until SIGTERM."""
+    from dafne_node.services import Node
+
+    Node(_load_node_config(args), dicom=False, http=False).run_until_signalled()
+    return EXIT_OK
+
+
+def run_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a peer."""
+    from dicom_scp.sender import AssociationError, echo
+
+    destination = _destination(args.destination, "destination")
+    try:
+        status = echo(destination, calling_ae=args.calling_ae, timeout=args.timeout)
+    except AssociationError as exc:
+        raise UserError(str(exc)) from exc
+    print(f"C-ECHO {destination}: status 0x{status:04X}{' (success)' if status == 0 else ''}")
+    return EXIT_OK if status == 0 else EXIT_REFUSED
+
+
+def run_send(args: argparse.Namespace) -> int:
+    """C-STORE files to a peer and report each file."""
+    from dafne_node.volume import find_files
+    from dicom_scp.sender import AssociationError, send_files
+
+    destination = _destination(args.to, "--to")
+    files = find_files(args.files)
+    try:
+        results = send_files(files, destination, calling_ae=args.calling_ae,
+                             timeout=args.timeout)
+    except AssociationError as exc:
+        raise UserError(str(exc)) from exc
+    failed = [result for result in results if not result.ok]
+    for result in failed:
+        status = "not sent" if result.status is None else f"status 0x{result.status:04X}"
+        print(f"failed: {result.path}: {status}: {result.error}", file=sys.stderr)
+    print(f"Sent {len(results) - len(failed)} of {len(results)} files to {destination}")
+    return EXIT_REFUSED if failed else EXIT_OK
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -48,3 +48,7 @@ def setup_logging(level: str = "warning", fmt: LogFormat = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # pynetdicom logs every refused connection as an error of its own; the node
+    # reports those itself, with the destination, so keep pynetdicom for debugging.
+    if root.level > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)

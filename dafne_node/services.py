@@ -1,0 +1,271 @@
+"""The node as a running process: receiver, assembler, worker, outbox and admin API.
+
+``dafne-node serve`` runs every part in one process (the embedded default);
+``dafne-node worker`` runs only the processing parts, so several processes can
+share one PostgreSQL database. Each part is a loop in its own thread that polls
+the database, so the database is the only thing the parts share and a part
+that crashes is logged and restarted rather than taking the node down.
+
+SIGTERM (or Ctrl-C) stops accepting associations, lets the current job and the
+current delivery finish, and exits; anything unfinished is resumed at the next
+start, because every step is a committed row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from types import FrameType
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dafne_node.assembler import SeriesAssembler
+from dafne_node.config import NodeConfig
+from dafne_node.models import register_active_model
+from dafne_node.outbox import OutboxSender, requeue_interrupted_sends
+from dafne_node.segmentation import SeriesSegmenter
+from dafne_node.worker import SegmentationWorker
+from db.base import utcnow
+from db.jobs import requeue_stale_jobs
+from db.migrate import upgrade
+from db.node_models import Job, JobState, OutboxItem, OutboxState
+from db.repository import SqlInstanceIndex
+from db.session import make_engine, make_session_factory
+from dicom_scp.policy import AllowedCaller, CallerPolicy, DiskWatermark
+from dicom_scp.receiver import StorageServer
+from dicom_scp.spool import Spool
+
+LOGGER = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY_S = 10.0
+STALE_AFTER = timedelta(seconds=90)
+"""A running job whose worker stopped heart-beating this long ago is taken over."""
+SEND_STALE_AFTER = timedelta(minutes=30)
+"""A send claimed this long ago belongs to a dead process (sends time out far sooner)."""
+
+
+def worker_identity(config: NodeConfig) -> str:
+    """``name@host:pid``, recorded in claimed jobs so a restart knows which were its own."""
+    return f"{config.node.name}@{socket.gethostname()}:{os.getpid()}"
+
+
+def open_database(config: NodeConfig) -> tuple[Engine, sessionmaker[Session]]:
+    """Connect to the node database and bring its schema to the current version."""
+    engine = make_engine(config.database_url)
+    upgrade(engine)
+    return engine, make_session_factory(engine)
+
+
+class _Loop(threading.Thread):
+    """Runs ``step`` until stopped; sleeps ``idle_s`` when it found no work.
+
+    An exception is logged and the loop waits before trying again: one bad
+    series must not stop the node.
+    """
+
+    def __init__(self, name: str, step: Callable[[], object], idle_s: float,
+                 stop: threading.Event) -> None:
+        super().__init__(name=name, daemon=True)
+        self._step = step
+        self._idle_s = idle_s
+        self._stop_event = stop
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                busy = self._step()
+            except Exception:
+                LOGGER.exception("%s failed; retrying in 5 s", self.name)
+                self._stop_event.wait(5.0)
+                continue
+            if not busy:
+                self._stop_event.wait(self._idle_s)
+
+
+class Node:
+    """One node process.
+
+    Parameters
+    ----------
+    config:
+        The validated configuration.
+    dicom:
+        Run the Storage SCP (off for extra worker processes).
+    http:
+        Run the admin API.
+    """
+
+    def __init__(self, config: NodeConfig, *, dicom: bool = True, http: bool = True) -> None:
+        self.config = config
+        self.worker_id = worker_identity(config)
+        self.engine, self.sessions = open_database(config)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._dicom = dicom
+        self._http = http
+        self.storage: StorageServer | None = None
+        self._http_server: object | None = None
+        self.segmenter = SeriesSegmenter(config.model.dir, precision=config.model.precision)
+        self._register_model()
+
+    @property
+    def model_info(self) -> tuple[str, int]:
+        """Name and generation of the model this process segments with."""
+        return self.segmenter.manifest.name, self.segmenter.manifest.generation
+
+    def _register_model(self) -> None:
+        manifest = self.segmenter.manifest
+        with self.sessions() as session, session.begin():
+            register_active_model(
+                session, name=manifest.name, generation=manifest.generation,
+                path=str(self.config.model.dir or "bundled"), sha256=manifest.weights.sha256,
+                source="local" if self.config.model.dir else "bundled",
+                manifest=manifest.model_dump(mode="json"),
+            )
+
+    def start(self) -> None:
+        """Recover from a previous crash, then start every part."""
+        self._recover()
+        if self._dicom:
+            self.storage = self._storage_server()
+            self.storage.start()
+        assembler = SeriesAssembler(self.sessions, self.config)
+        worker = SegmentationWorker(self.sessions, self.config, lambda: self.segmenter,
+                                    self.worker_id)
+        outbox = OutboxSender(self.sessions, self.config, self.worker_id)
+        loops = [
+            _Loop("assembler", assembler.run_once, 1.0, self._stop),
+            _Loop("segmentation-worker", worker.run_once, 0.5, self._stop),
+            _Loop("outbox", outbox.run_once, 0.5, self._stop),
+            _Loop("maintenance", self._maintain, HEARTBEAT_EVERY_S, self._stop),
+        ]
+        self._threads.extend(loops)
+        for loop in loops:
+            loop.start()
+        if self._http:
+            self._start_http()
+        LOGGER.info("node %s started (model %s g%d)", self.worker_id, *self.model_info)
+
+    def _storage_server(self) -> StorageServer:
+        dicom = self.config.dicom
+        policy = CallerPolicy([AllowedCaller(c.ae_title, c.host) for c in dicom.allowed_callers])
+        spool = Spool(self.config.spool_dir)
+        return StorageServer(
+            ae_title=dicom.ae_title, host=dicom.bind, port=dicom.port, spool=spool,
+            index=SqlInstanceIndex(self.engine), policy=policy,
+            watermark=DiskWatermark(self.config.spool_dir, dicom.min_free_disk_mb * 2**20),
+            max_associations=dicom.max_associations,
+        )
+
+    def _start_http(self) -> None:
+        import uvicorn  # noqa: PLC0415 - only processes that serve HTTP need it
+
+        from dafne_node.api import create_app  # noqa: PLC0415
+
+        app = create_app(session_factory=self.sessions, model_info=lambda: self.model_info,
+                         ready=lambda: not self._stop.is_set())
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=self.config.http.host, port=self.config.http.port, log_level="warning",
+            lifespan="off",
+        ))
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http_server = server
+        thread = threading.Thread(target=server.run, name="admin-api", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _recover(self) -> None:
+        """Take back the work of dead processes on this host before starting."""
+        dead = _dead_local_claims(self.sessions, self.config)
+        with self.sessions() as session, session.begin():
+            jobs = session.execute(
+                update(Job).where(Job.state == JobState.RUNNING, Job.claimed_by.in_(dead))
+                .values(state=JobState.QUEUED, claimed_by=None, claimed_at=None)
+                .execution_options(synchronize_session=False)
+            ).rowcount if dead else 0
+            sends = session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.state == OutboxState.SENDING, OutboxItem.claimed_by.in_(dead))
+                .values(state=OutboxState.PENDING, claimed_by=None, next_attempt_at=utcnow())
+                .execution_options(synchronize_session=False)
+            ).rowcount if dead else 0
+        if jobs or sends:
+            LOGGER.warning("resuming after a crash: %d job(s) and %d delivery(ies) requeued",
+                           jobs, sends)
+
+    def _maintain(self) -> bool:
+        with self.sessions() as session, session.begin():
+            session.execute(
+                update(Job).where(Job.state == JobState.RUNNING,
+                                  Job.claimed_by == self.worker_id)
+                .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)
+            )
+            requeued = requeue_stale_jobs(session, stale_after=STALE_AFTER)
+            resent = requeue_interrupted_sends(session,
+                                               claimed_before=utcnow() - SEND_STALE_AFTER)
+        if requeued or resent:
+            LOGGER.warning("took over %d stale job(s) and %d stale delivery(ies)", requeued,
+                           resent)
+        return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting work, finish what is in hand, and return."""
+        LOGGER.info("node %s stopping", self.worker_id)
+        if self.storage is not None:
+            self.storage.stop()
+        self._stop.set()
+        if self._http_server is not None:
+            self._http_server.should_exit = True  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.engine.dispose()
+        LOGGER.info("node %s stopped", self.worker_id)
+
+    def run_until_signalled(self) -> None:
+        """Start, wait for SIGTERM or SIGINT, stop."""
+        stop = threading.Event()
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            LOGGER.info("received %s", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        while not stop.wait(1.0):
+            pass
+        self.stop()
+
+
+def _dead_local_claims(sessions: sessionmaker[Session], config: NodeConfig) -> list[str]:
+    """Worker ids of this host and node name whose process no longer runs."""
+    prefix = f"{config.node.name}@{socket.gethostname()}:"
+    with sessions() as session:
+        claimants = set(session.scalars(
+            select(Job.claimed_by).where(Job.claimed_by.startswith(prefix)).distinct()
+        )) | set(session.scalars(
+            select(OutboxItem.claimed_by).where(OutboxItem.claimed_by.startswith(prefix))
+            .distinct()
+        ))
+    return [claimant for claimant in claimants
+            if claimant and not _pid_alive(int(claimant.rsplit(":", 1)[1]))]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a previous process with our pid: it is not us running that job
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

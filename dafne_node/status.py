@@ -1,0 +1,478 @@
+"""What the node has received, what it is doing and what is stuck: for the people who run it.
+
+One function, :func:`collect_status`, answers the questions a PACS administrator or the
+hospital's IT asks of a DICOM node: is it receiving, what is queued or failed, what is waiting
+in the outbox (and why), which series were skipped (and why), which model is in use.
+``dafne-node status`` prints it with :func:`format_status`, the admin API serves it as JSON at
+``/status`` and the Prometheus collector reuses the same count queries, so every view of the
+node agrees.
+
+Everything here is grouped ``COUNT`` queries and short ``LIMIT``-ed lists: a node that has
+received millions of instances answers as fast as an empty one, and no row is loaded just to
+be counted. The database is the only source, so several node processes sharing one database
+report the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
+
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.base import utcnow
+from db.node_models import (
+    Instance,
+    Job,
+    JobKind,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    Series,
+    SeriesState,
+    Study,
+)
+
+__all__ = [
+    "DestinationOutbox",
+    "FailedJob",
+    "ModelInfo",
+    "NodeStatus",
+    "OutboxStatus",
+    "SkippedSeries",
+    "collect_status",
+    "count_instances",
+    "count_jobs",
+    "count_outbox",
+    "count_outbox_by_destination",
+    "count_series",
+    "format_status",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_RECENT = 10
+"""How many skipped series and failed jobs a status lists by default."""
+
+_UNDELIVERED = (OutboxState.PENDING, OutboxState.SENDING, OutboxState.FAILED)
+
+
+class ModelInfo(BaseModel):
+    """The segmentation model in use."""
+
+    name: str
+    generation: int
+
+
+class DestinationOutbox(BaseModel):
+    """Undelivered files for one destination, and the last reason delivery failed."""
+
+    destination: str = Field(description="AE@host:port")
+    name: str | None = Field(default=None, description="configured destination name, if any")
+    pending: int = 0
+    sending: int = 0
+    failed: int = 0
+    oldest_at: datetime | None = Field(
+        default=None, description="when the oldest undelivered file was queued"
+    )
+    max_attempts: int = 0
+    last_error: str | None = None
+
+
+class OutboxStatus(BaseModel):
+    """Counts of outbox items by state, and what is undelivered per destination."""
+
+    states: dict[str, int]
+    destinations: list[DestinationOutbox] = Field(default_factory=list)
+
+
+class SkippedSeries(BaseModel):
+    """A series the node decided not to process, with the reason."""
+
+    series_instance_uid: str
+    series_description: str | None = None
+    modality: str | None = None
+    calling_ae: str | None = None
+    num_instances: int = 0
+    reason: str | None = None
+    at: datetime
+
+
+class FailedJob(BaseModel):
+    """A job that gave up, with its error; retry with ``POST /jobs/{id}/retry``."""
+
+    id: int
+    kind: str
+    series_instance_uid: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    at: datetime | None = None
+
+
+class NodeStatus(BaseModel):
+    """A snapshot of the node, as served at ``/status`` and printed by ``dafne-node status``."""
+
+    generated_at: datetime
+    model: ModelInfo
+    instances_received: int
+    studies: int
+    series: dict[str, int] = Field(description="series by state")
+    last_received_at: datetime | None = None
+    jobs: dict[str, int] = Field(description="jobs by state (every state present)")
+    jobs_by_kind: dict[str, dict[str, int]] = Field(description="kind -> state -> count")
+    outbox: OutboxStatus
+    skipped_series: list[SkippedSeries] = Field(default_factory=list)
+    failed_jobs: list[FailedJob] = Field(default_factory=list)
+
+
+# -- counts (shared with the Prometheus collector) ---------------------------------------
+
+
+def count_instances(session: Session) -> int:
+    """The number of instances indexed (each SOP Instance UID once)."""
+    return int(session.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+def count_series(session: Session) -> dict[str, int]:
+    """Series by state; every :class:`SeriesState` is present, with 0 if none."""
+    counts = {state.value: 0 for state in SeriesState}
+    rows = session.execute(select(Series.state, func.count()).group_by(Series.state))
+    for state, count in rows:
+        counts[SeriesState(state).value] = int(count)
+    return counts
+
+
+def count_jobs(session: Session) -> dict[str, dict[str, int]]:
+    """Jobs by kind, then state; every kind and state is present, with 0 if none.
+
+    One query grouped by (kind, state) serves both the per-state totals and the
+    per-kind breakdown, and the metric with both labels.
+    """
+    counts = {kind.value: {state.value: 0 for state in JobState} for kind in JobKind}
+    rows = session.execute(
+        select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state)
+    )
+    for kind, state, count in rows:
+        counts[JobKind(kind).value][JobState(state).value] = int(count)
+    return counts
+
+
+def count_outbox(session: Session) -> dict[str, int]:
+    """Outbox items by state; every :class:`OutboxState` is present, with 0 if none."""
+    counts = {state.value: 0 for state in OutboxState}
+    rows = session.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state))
+    for state, count in rows:
+        counts[OutboxState(state).value] = int(count)
+    return counts
+
+
+class _DestinationKey(NamedTuple):
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def count_outbox_by_destination(
+    session: Session, *, errors_scanned: int = 200
+) -> list[DestinationOutbox]:
+    """Undelivered outbox items per destination (``AE@host:port``), most pending first.
+
+    Delivered items are left out (they only grow and say nothing about trouble), so the
+    query walks the ``(state, next_attempt_at)`` index rather than the whole table. The last
+    error of each destination comes from the ``errors_scanned`` most recently updated
+    undelivered items that have one: enough to name the reason without a per-destination
+    query.
+    """
+    key_columns = (OutboxItem.ae_title, OutboxItem.host, OutboxItem.port)
+    rows = session.execute(
+        select(
+            *key_columns,
+            OutboxItem.state,
+            func.count(),
+            func.min(OutboxItem.created_at),
+            func.max(OutboxItem.attempts),
+            func.max(OutboxItem.destination),
+        )
+        .where(OutboxItem.state.in_(_UNDELIVERED))
+        .group_by(*key_columns, OutboxItem.state)
+    )
+    by_key: dict[_DestinationKey, DestinationOutbox] = {}
+    for ae_title, host, port, state, count, oldest, attempts, name in rows:
+        key = _DestinationKey(ae_title, host, int(port))
+        entry = by_key.get(key)
+        if entry is None:
+            entry = by_key[key] = DestinationOutbox(destination=str(key), name=name)
+        setattr(entry, OutboxState(state).value, int(count))
+        if oldest is not None and (entry.oldest_at is None or oldest < entry.oldest_at):
+            entry.oldest_at = oldest
+        entry.max_attempts = max(entry.max_attempts, int(attempts or 0))
+        entry.name = entry.name or name
+    if by_key and errors_scanned > 0:
+        errors = session.execute(
+            select(*key_columns, OutboxItem.last_error)
+            .where(OutboxItem.state.in_(_UNDELIVERED), OutboxItem.last_error.is_not(None))
+            .order_by(OutboxItem.updated_at.desc(), OutboxItem.id.desc())
+            .limit(errors_scanned)
+        )
+        for ae_title, host, port, error in errors:
+            entry = by_key.get(_DestinationKey(ae_title, host, int(port)))
+            if entry is not None and entry.last_error is None:
+                entry.last_error = error
+    return sorted(
+        by_key.values(), key=lambda d: (-(d.pending + d.sending + d.failed), d.destination)
+    )
+
+
+# -- the snapshot --------------------------------------------------------------------------
+
+
+def _recent_skipped(session: Session, limit: int) -> list[SkippedSeries]:
+    rows = session.execute(
+        select(
+            Series.series_instance_uid,
+            Series.series_description,
+            Series.modality,
+            Series.calling_ae,
+            Series.num_instances,
+            Series.state_reason,
+            Series.completed_at,
+            Series.last_received_at,
+        )
+        .where(Series.state == SeriesState.SKIPPED)
+        .order_by(Series.last_received_at.desc(), Series.id.desc())
+        .limit(limit)
+    )
+    return [
+        SkippedSeries(
+            series_instance_uid=uid,
+            series_description=description,
+            modality=modality,
+            calling_ae=calling_ae,
+            num_instances=int(num_instances or 0),
+            reason=reason,
+            at=completed_at or last_received_at,
+        )
+        for uid, description, modality, calling_ae, num_instances, reason, completed_at,
+        last_received_at in rows
+    ]
+
+
+def _recent_failed(session: Session, limit: int) -> list[FailedJob]:
+    rows = session.execute(
+        select(
+            Job.id,
+            Job.kind,
+            Series.series_instance_uid,
+            Job.error,
+            Job.attempts,
+            Job.finished_at,
+            Job.updated_at,
+        )
+        .outerjoin(Series, Job.series_id == Series.id)
+        .where(Job.state == JobState.FAILED)
+        .order_by(Job.updated_at.desc(), Job.id.desc())
+        .limit(limit)
+    )
+    return [
+        FailedJob(
+            id=int(job_id),
+            kind=JobKind(kind).value,
+            series_instance_uid=series_uid,
+            error=error,
+            attempts=int(attempts or 0),
+            at=finished_at or updated_at,
+        )
+        for job_id, kind, series_uid, error, attempts, finished_at, updated_at in rows
+    ]
+
+
+def collect_status(
+    session: Session,
+    *,
+    model_name: str,
+    model_generation: int,
+    now: datetime | None = None,
+    recent: int = DEFAULT_RECENT,
+) -> NodeStatus:
+    """Take a snapshot of the node from its database.
+
+    Parameters
+    ----------
+    session : Session
+        A session on the node's database (only read from).
+    model_name, model_generation : str, int
+        The model in use. Passed in rather than read here so that a status never needs the
+        model files (or torch) and reports what the running node actually loaded.
+    now : datetime, optional
+        The snapshot's time (aware); the current time by default.
+    recent : int
+        How many skipped series and failed jobs to list (newest first).
+
+    Raises
+    ------
+    ValueError
+        If ``now`` is naive or ``recent`` is negative.
+    """
+    if now is None:
+        now = utcnow()
+    elif now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if recent < 0:
+        raise ValueError("recent must be >= 0")
+    jobs_by_kind = count_jobs(session)
+    jobs = {state.value: 0 for state in JobState}
+    for states in jobs_by_kind.values():
+        for state, count in states.items():
+            jobs[state] += count
+    last_received_at = session.scalar(select(func.max(Series.last_received_at)))
+    return NodeStatus(
+        generated_at=now.astimezone(UTC),
+        model=ModelInfo(name=model_name, generation=model_generation),
+        instances_received=count_instances(session),
+        studies=int(session.scalar(select(func.count()).select_from(Study)) or 0),
+        series=count_series(session),
+        last_received_at=last_received_at,
+        jobs=jobs,
+        jobs_by_kind=jobs_by_kind,
+        outbox=OutboxStatus(
+            states=count_outbox(session),
+            destinations=count_outbox_by_destination(session),
+        ),
+        skipped_series=_recent_skipped(session, recent) if recent else [],
+        failed_jobs=_recent_failed(session, recent) if recent else [],
+    )
+
+
+# -- for a terminal ------------------------------------------------------------------------
+
+
+def _since(then: datetime, now: datetime) -> str:
+    """``30 s ago``, ``12 min ago``, ``3 h 5 min ago``, ``4 days ago``."""
+    seconds = int((now - then).total_seconds())
+    if seconds < 0:
+        return "just now"  # clocks of several hosts differ a little
+    if seconds < 60:
+        return f"{seconds} s ago"
+    if seconds < 3600:
+        return f"{seconds // 60} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min ago"
+    return f"{seconds // 86400} days ago"
+
+
+def _ago(then: datetime | None, now: datetime) -> str:
+    """Relative time first (what a reader wants), the exact UTC time after."""
+    if then is None:
+        return "never"
+    return f"{_since(then, now)} ({then:%Y-%m-%d %H:%M:%S} UTC)"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return "  ".join(f"{name} {count}" for name, count in counts.items())
+
+
+def _one_line(text: str | None, width: int = 100) -> str:
+    """The gist of an error on one line: a traceback's last line, whitespace collapsed."""
+    if not text or not text.strip():
+        return "(no message)"
+    if text.lstrip().startswith("Traceback"):
+        text = text.strip().splitlines()[-1]
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def format_status(status: NodeStatus, *, active_window: timedelta = timedelta(minutes=5)) -> str:
+    """Render a status for a terminal: the answers first, the details after.
+
+    The first lines say whether the node is receiving and whether anything needs a person
+    (failed jobs, undelivered SEGs, skipped series); the sections below name the series,
+    destinations and errors, so the reader knows where to look without reading SQL.
+
+    Parameters
+    ----------
+    status : NodeStatus
+        From :func:`collect_status`.
+    active_window : timedelta
+        Last instance younger than this counts as "receiving now".
+    """
+    now = status.generated_at
+    lines = [
+        f"Dafne Node status at {now:%Y-%m-%d %H:%M:%S} UTC",
+        f"Model:     {status.model.name}, generation {status.model.generation}",
+    ]
+    if status.last_received_at is None:
+        receiving = "nothing received yet"
+    elif now - status.last_received_at <= active_window:
+        receiving = f"yes, last instance {_ago(status.last_received_at, now)}"
+    else:
+        receiving = f"idle, last instance {_ago(status.last_received_at, now)}"
+    lines.append(f"Receiving: {receiving}")
+    lines.append(
+        f"Received:  {status.instances_received} instances in "
+        f"{sum(status.series.values())} series of {status.studies} studies"
+    )
+    lines.append(f"Series:    {_counts(status.series)}")
+    lines.append(f"Jobs:      {_counts(status.jobs)}")
+    lines.append(f"Outbox:    {_counts(status.outbox.states)}")
+
+    attention: list[str] = []
+    failed = status.jobs.get(JobState.FAILED.value, 0)
+    if failed:
+        attention.append(
+            f"{failed} failed job(s): retry with `dafne-node jobs retry ID` "
+            "or POST /jobs/ID/retry"
+        )
+    undelivered = sum(d.pending + d.sending + d.failed for d in status.outbox.destinations)
+    if undelivered:
+        attention.append(
+            f"{undelivered} file(s) not yet delivered to "
+            f"{len(status.outbox.destinations)} destination(s)"
+        )
+    skipped = status.series.get(SeriesState.SKIPPED.value, 0)
+    if skipped:
+        attention.append(f"{skipped} series skipped (not segmented): reasons below")
+    lines.append("")
+    if attention:
+        lines.append("Needs attention:")
+        lines.extend(f"  ! {item}" for item in attention)
+    else:
+        lines.append("Nothing needs attention.")
+
+    if status.outbox.destinations:
+        lines += ["", "Outbox by destination (undelivered):"]
+        for dest in status.outbox.destinations:
+            name = f" ({dest.name})" if dest.name else ""
+            attempts = f", up to {dest.max_attempts} attempts" if dest.max_attempts else ""
+            oldest = f", oldest queued {_since(dest.oldest_at, now)}" if dest.oldest_at else ""
+            lines.append(
+                f"  {dest.destination}{name}: {dest.pending} pending, {dest.sending} sending, "
+                f"{dest.failed} failed{attempts}{oldest}"
+            )
+            if dest.last_error:
+                lines.append(f"      last error: {_one_line(dest.last_error)}")
+    if status.failed_jobs:
+        lines += ["", f"Failed jobs (latest {len(status.failed_jobs)}):"]
+        for job in status.failed_jobs:
+            series = job.series_instance_uid or "-"
+            lines.append(
+                f"  #{job.id} {job.kind}, series {series}, {job.attempts} attempt(s), "
+                f"failed {_since(job.at, now) if job.at else '(time unknown)'}"
+            )
+            lines.append(f"      error: {_one_line(job.error)}")
+    if status.skipped_series:
+        lines += ["", f"Skipped series (latest {len(status.skipped_series)}):"]
+        for entry in status.skipped_series:
+            description = f' "{entry.series_description}"' if entry.series_description else ""
+            sender = entry.calling_ae or "unknown AE"
+            lines.append(
+                f"  {entry.series_instance_uid}{description} ({entry.modality or '?'}, "
+                f"{entry.num_instances} instances) from {sender}, {_since(entry.at, now)}"
+            )
+            lines.append(f"      reason: {entry.reason or '(none recorded)'}")
+    return "\n".join(lines) + "\n"
