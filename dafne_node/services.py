@@ -64,18 +64,22 @@ def open_database(config: NodeConfig) -> tuple[Engine, sessionmaker[Session]]:
 
 
 class _Loop(threading.Thread):
-    """Runs ``step`` until stopped; sleeps ``idle_s`` when it found no work.
+    """Runs ``step`` until stopped; waits up to ``idle_s`` when it found no work.
 
-    An exception is logged and the loop waits before trying again: one bad
-    series must not stop the node.
+    ``then`` is woken whenever this loop did work (the assembler wakes the
+    worker, the worker wakes the outbox), so a series goes from complete to
+    delivered without waiting out poll intervals. An exception is logged and the
+    loop waits before trying again: one bad series must not stop the node.
     """
 
     def __init__(self, name: str, step: Callable[[], object], idle_s: float,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, then: _Loop | None = None) -> None:
         super().__init__(name=name, daemon=True)
         self._step = step
         self._idle_s = idle_s
         self._stop_event = stop
+        self._then = then
+        self.wakeup = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -85,8 +89,12 @@ class _Loop(threading.Thread):
                 LOGGER.exception("%s failed; retrying in 5 s", self.name)
                 self._stop_event.wait(5.0)
                 continue
-            if not busy:
-                self._stop_event.wait(self._idle_s)
+            if busy:
+                if self._then is not None:
+                    self._then.wakeup.set()
+                continue
+            self.wakeup.wait(self._idle_s)
+            self.wakeup.clear()
 
 
 class Node:
@@ -140,10 +148,13 @@ class Node:
         worker = SegmentationWorker(self.sessions, self.config, lambda: self.segmenter,
                                     self.worker_id)
         outbox = OutboxSender(self.sessions, self.config, self.worker_id)
+        sending = _Loop("outbox", outbox.run_once, 0.5, self._stop)
+        segmenting = _Loop("segmentation-worker", worker.run_once, 0.5, self._stop,
+                           then=sending)
         loops = [
-            _Loop("assembler", assembler.run_once, 1.0, self._stop),
-            _Loop("segmentation-worker", worker.run_once, 0.5, self._stop),
-            _Loop("outbox", outbox.run_once, 0.5, self._stop),
+            _Loop("assembler", assembler.run_once, 0.25, self._stop, then=segmenting),
+            segmenting,
+            sending,
             _Loop("maintenance", self._maintain, HEARTBEAT_EVERY_S, self._stop),
         ]
         self._threads.extend(loops)
@@ -221,6 +232,9 @@ class Node:
         if self.storage is not None:
             self.storage.stop()
         self._stop.set()
+        for thread in self._threads:
+            if isinstance(thread, _Loop):
+                thread.wakeup.set()
         if self._http_server is not None:
             self._http_server.should_exit = True  # type: ignore[attr-defined]
         deadline = time.monotonic() + timeout
