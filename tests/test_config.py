@@ -58,3 +58,10 @@ def test_bad_configuration_names_the_key(tmp_path: Path, text: str, message: str
 def test_bad_environment_value_names_the_key() -> None:
     with pytest.raises(ConfigError, match=re.escape("dicom.port")):
         load_config(environ={"DAFNE_PORT": "not-a-port"})
+
+
+def test_the_shipped_example_configuration_is_valid() -> None:
+    example = Path(__file__).resolve().parents[1] / "deploy" / "node.example.toml"
+    config = load_config(example, environ={})
+    assert config.routes[0].destinations == ["pacs"]
+    assert config.destination("pacs").ae_title == "ORTHANC"
