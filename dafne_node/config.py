@@ -139,11 +139,15 @@ class Route(_Section):
 
 
 class SendingSection(_Section):
-    """Retries of C-STORE to destinations, with exponential back-off."""
+    """Retries of C-STORE to destinations, with exponential back-off.
 
-    max_attempts: int = Field(default=6, ge=1, le=100)
+    The defaults keep trying for about three hours, long enough for a PACS
+    maintenance window, before a delivery is failed and shown to IT.
+    """
+
+    max_attempts: int = Field(default=20, ge=1, le=100)
     backoff_initial_s: float = Field(default=2.0, gt=0)
-    backoff_max_s: float = Field(default=300.0, gt=0)
+    backoff_max_s: float = Field(default=900.0, gt=0)
 
 
 class ModelSection(_Section):
