@@ -54,7 +54,7 @@ class OutboxSender:
             outcomes = {result.sop_instance_uid: result for result in results}
         except AssociationError as exc:
             outcomes = {}
-            failure = f"cannot reach {destination}: {exc}"
+            failure = str(exc)
         else:
             failure = "no result for this file"
         self._record(claimed, outcomes, failure)

@@ -35,7 +35,7 @@ from dafne_node.worker import SegmentationWorker
 from db.base import utcnow
 from db.jobs import requeue_stale_jobs
 from db.migrate import upgrade
-from db.node_models import Job, JobState, OutboxItem, OutboxState
+from db.node_models import Job, JobState, OutboxItem, OutboxState, Series, SeriesState
 from db.repository import SqlInstanceIndex
 from db.session import make_engine, make_session_factory
 from dicom_scp.policy import AllowedCaller, CallerPolicy, DiskWatermark
@@ -207,9 +207,17 @@ class Node:
                 .values(state=OutboxState.PENDING, claimed_by=None, next_attempt_at=utcnow())
                 .execution_options(synchronize_session=False)
             ).rowcount if dead else 0
-        if jobs or sends:
-            LOGGER.warning("resuming after a crash: %d job(s) and %d delivery(ies) requeued",
-                           jobs, sends)
+            # Series still receiving were interrupted mid-push: the sender will resend the
+            # rest, so their quiet period starts again now rather than at the crash.
+            reopened = session.execute(
+                update(Series).where(Series.state == SeriesState.RECEIVING)
+                .values(last_received_at=utcnow())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+        if jobs or sends or reopened:
+            LOGGER.warning("resuming after a crash: %d job(s) and %d delivery(ies) requeued, "
+                           "%d incomplete series wait for their quiet period again",
+                           jobs, sends, reopened)
 
     def _maintain(self) -> bool:
         with self.sessions() as session, session.begin():

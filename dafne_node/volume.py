@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset, FileMetaDataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
 
@@ -254,7 +254,8 @@ def _load_multiframe(path: Path, ds: Dataset) -> ImageVolume:
 
 
 def _decode(path: Path, ds: Dataset) -> np.ndarray:
-    syntax = ds.file_meta.get("TransferSyntaxUID", UID("")) if "file_meta" in ds else UID("")
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID", UID("")) if file_meta is not None else UID("")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -310,7 +311,7 @@ def _slice_spacing(positions: np.ndarray, ds: Dataset, fallback: float | None = 
 def _without_pixels(ds: Dataset) -> Dataset:
     """Keep headers only: sources are referenced by the SEG, never re-encoded."""
     copy = Dataset(ds)
-    copy.file_meta = ds.file_meta if "file_meta" in ds else Dataset()
+    copy.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in copy:
             del copy[keyword]

@@ -87,6 +87,9 @@ class SegmentationWorker:
             if series is None:
                 _fail(job, "the series of this job no longer exists")
                 return None
+            if series.revision > revision:
+                _supersede_before_running(job, series.revision)
+                return None
             series_uid = series.series_instance_uid
             paths = [
                 self._config.spool_dir / relative for relative in session.scalars(
@@ -127,6 +130,12 @@ class SegmentationWorker:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None or job.state != JobState.RUNNING or job.claimed_by != self.worker_id:
                 LOGGER.warning("job %d was taken from this worker; result dropped", job_id)
+                return
+            series = session.get(Series, job.series_id) if job.series_id else None
+            if series is not None and series.revision > (job.series_revision or 0):
+                # More instances arrived while this ran: the newer revision's job will
+                # deliver a SEG of the whole series; this one must not reach PACS.
+                _supersede_before_running(job, series.revision)
                 return
             try:
                 targets = [self._config.destination(name) for name in destinations]
@@ -182,6 +191,13 @@ def _fail(job: Job, reason: str) -> None:
     job.error = reason
     job.finished_at = utcnow()
     LOGGER.error("job %d failed: %s", job.id, reason, extra={"job_id": job.id})
+
+
+def _supersede_before_running(job: Job, revision: int) -> None:
+    job.state = JobState.SKIPPED
+    job.error = f"superseded: the series changed (now revision {revision})"
+    job.finished_at = utcnow()
+    LOGGER.info("job %d %s", job.id, job.error, extra={"job_id": job.id})
 
 
 def _supersede(session: Session, old_job_id: int, new_job_id: int) -> None:
