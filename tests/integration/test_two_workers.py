@@ -119,6 +119,7 @@ def test_two_workers_share_the_jobs(pg_schema: str, tmp_path: Path) -> None:
         folders = [write_study(study, tmp_path / f"study{n}").images
                    for n, study in enumerate(studies)]
         _wait_until_listening(NODE_PORT, logs[0])
+        _wait_until_started(logs[1])
         for images in folders:
             results = send_files(images, f"DAFNE@127.0.0.1:{NODE_PORT}", calling_ae="MODALITY")
             assert all(result.ok for result in results)
@@ -146,6 +147,16 @@ def test_two_workers_share_the_jobs(pg_schema: str, tmp_path: Path) -> None:
     assert len(workers) == 2, (workers, logs[1].read_text()[-2000:])
     assert len(destination_index.received) == SERIES
     assert len(set(destination_index.received)) == SERIES
+
+
+def _wait_until_started(log: Path) -> None:
+    """Both processes must be ready before the series arrive, or one could take every job."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if " started (model " in log.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise AssertionError("worker did not start: " + log.read_text()[-3000:])
 
 
 def _wait_until_listening(port: int, log: Path) -> None:
