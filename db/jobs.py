@@ -1,0 +1,172 @@
+"""Job queue primitives on the ``jobs`` table: enqueue, claim, heartbeat, recover.
+
+This is the data layer only; the node's job logic (what each kind does, retries, the state
+transitions after ``running``) lives in ``dafne_node/jobs.py`` and calls these.
+
+Claiming is one statement on both databases::
+
+    UPDATE jobs SET state='running', claimed_by=…, attempts=attempts+1, …
+     WHERE id = (SELECT id FROM jobs WHERE state='queued' AND kind IN (…) AND due
+                 ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+       AND state = 'queued'
+    RETURNING …
+
+On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets several workers claim different jobs at the
+same time without waiting on each other. SQLite has no row locks (SQLAlchemy drops the
+clause) but runs every transaction under ``BEGIN IMMEDIATE`` (see :mod:`db.session`), so
+the statement is atomic; the ``state='queued'`` re-check keeps it correct either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from db.base import dialect_insert, utcnow
+from db.node_models import Job, JobKind, JobState
+
+__all__ = [
+    "claim_next_job",
+    "enqueue_job",
+    "heartbeat",
+    "requeue_stale_jobs",
+]
+
+
+def enqueue_job(
+    session: Session,
+    *,
+    kind: JobKind | str,
+    series_id: int | None = None,
+    series_revision: int | None = None,
+    model_name: str | None = None,
+    payload: dict[str, Any] | None = None,
+    priority: int = 0,
+    not_before: datetime | None = None,
+    supersedes_id: int | None = None,
+) -> Job | None:
+    """Queue a job; return it, or ``None`` if this (kind, series, revision) already exists.
+
+    The uniqueness of ``(kind, series_id, series_revision)`` makes creating a series' job
+    idempotent (an assembler that crashed after enqueueing and runs again adds nothing).
+    Jobs without a series (``train``, ``sync``) are never deduplicated.
+    """
+    now = utcnow()
+    values = {
+        "kind": JobKind(kind).value,
+        "state": JobState.QUEUED.value,
+        "series_id": series_id,
+        "series_revision": series_revision,
+        "model_name": model_name,
+        "payload": payload or {},
+        "priority": priority,
+        "attempts": 0,
+        "not_before": not_before,
+        "supersedes_id": supersedes_id,
+        "created_at": now,
+        "updated_at": now,
+    }
+    statement = dialect_insert(session, Job).values(values).returning(Job.id)
+    if series_id is not None:
+        statement = statement.on_conflict_do_nothing(
+            index_elements=["kind", "series_id", "series_revision"]
+        )
+    job_id = session.scalar(statement)
+    if job_id is None:
+        return None
+    return session.get(Job, job_id)
+
+
+def claim_next_job(
+    session: Session,
+    kinds: Iterable[JobKind | str],
+    worker_id: str,
+    *,
+    now: datetime | None = None,
+) -> Job | None:
+    """Claim the most urgent due job of one of ``kinds`` for ``worker_id``, or ``None``.
+
+    The job is moved to ``running`` with ``attempts`` incremented and the claim recorded.
+    Commit right after (the claim's row lock, on PostgreSQL, is held until then).
+    Two concurrent callers never get the same job.
+    """
+    now = now or utcnow()
+    kind_values = [JobKind(kind).value for kind in kinds]
+    if not kind_values:
+        return None
+    candidate = (
+        select(Job.id)
+        .where(
+            Job.state == JobState.QUEUED.value,
+            Job.kind.in_(kind_values),
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+        )
+        .order_by(Job.priority.desc(), Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    statement = (
+        update(Job)
+        .where(Job.id == candidate, Job.state == JobState.QUEUED.value)
+        .values(
+            state=JobState.RUNNING.value,
+            claimed_by=worker_id,
+            claimed_at=now,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            updated_at=now,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    job_id = session.scalar(statement)
+    if job_id is None:
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def heartbeat(session: Session, job_id: int, worker_id: str) -> bool:
+    """Record that ``worker_id`` is still working on ``job_id``; False if it lost the job."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.claimed_by == worker_id,
+            Job.state.in_([JobState.RUNNING.value, JobState.SENDING.value]),
+        )
+        .values(heartbeat_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def requeue_stale_jobs(
+    session: Session, *, stale_after: timedelta, now: datetime | None = None
+) -> int:
+    """Put ``running`` jobs whose worker stopped heart-beating back in the queue.
+
+    This is how a node killed mid-job resumes: at start (and periodically) the jobs of
+    dead workers become ``queued`` again. Jobs in ``sending`` are left to the outbox.
+
+    Returns
+    -------
+    int
+        How many jobs were requeued.
+    """
+    now = now or utcnow()
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.state == JobState.RUNNING.value,
+            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < now - stale_after),
+        )
+        .values(state=JobState.QUEUED.value, claimed_by=None, claimed_at=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -1,0 +1,109 @@
+"""Create or upgrade a schema by running its Alembic history (never ``create_all``).
+
+Why Alembic at start rather than ``metadata.create_all``: a node upgraded in place must move
+its existing database forward, and the same code path must create a fresh one, so that the
+schema a test sees is the schema a hospital's database ends up with.
+
+Usage::
+
+    from db.migrate import upgrade
+    upgrade(engine)                       # or a URL, or the path of an SQLite file
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+from db.session import make_engine
+
+__all__ = ["HISTORIES", "alembic_config", "current_revision", "head_revision", "upgrade"]
+
+LOGGER = logging.getLogger(__name__)
+
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+@dataclass(frozen=True)
+class History:
+    """One Alembic history: where its scripts are and which version table it uses."""
+
+    script_location: Path
+    version_table: str
+
+
+HISTORIES: dict[str, History] = {
+    "node": History(_MIGRATIONS / "node", "alembic_version_node"),
+}
+"""The schemas this package can migrate, by name."""
+
+
+def alembic_config(history: str = "node", url: str | None = None) -> Config:
+    """An Alembic ``Config`` for ``history`` (no ini file needed).
+
+    Raises
+    ------
+    KeyError
+        For an unknown history name.
+    """
+    entry = HISTORIES[history]
+    config = Config()
+    config.set_main_option("script_location", str(entry.script_location))
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision(history: str = "node") -> str:
+    """The newest revision of ``history``."""
+    head = ScriptDirectory.from_config(alembic_config(history)).get_current_head()
+    if head is None:
+        raise RuntimeError(f"migration history {history!r} has no revisions")
+    return head
+
+
+def current_revision(engine: Engine, history: str = "node") -> str | None:
+    """The revision the database is at, or ``None`` for an empty database."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"version_table": HISTORIES[history].version_table}
+        )
+        return context.get_current_revision()
+
+
+def upgrade(
+    target: Engine | str | Path, revision: str = "head", *, history: str = "node"
+) -> str | None:
+    """Upgrade the database behind ``target`` to ``revision``; return the new revision.
+
+    Parameters
+    ----------
+    target : Engine, str or pathlib.Path
+        An engine (used as is), a database URL or an SQLite file path (an engine is made
+        with :func:`db.session.make_engine` and disposed of afterwards).
+    revision : str
+        Target revision, ``head`` by default.
+    history : str
+        Which schema: ``node`` (more are registered in :data:`HISTORIES`).
+    """
+    engine = target if isinstance(target, Engine) else make_engine(target)
+    try:
+        before = current_revision(engine, history)
+        config = alembic_config(history)
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+        after = current_revision(engine, history)
+        if before != after:
+            LOGGER.info("database schema %s upgraded from %s to %s", history, before, after)
+        return after
+    finally:
+        if engine is not target:
+            engine.dispose()

@@ -1,0 +1,312 @@
+"""The node's schema: what was received, what is to be done, what is to be sent, which model.
+
+The loop of the design maps onto these tables::
+
+    C-STORE -> instances -> series (quiet period: state receiving -> complete)
+            -> jobs (kind segment: queued -> running -> sending -> done | failed | skipped)
+            -> outbox (one row per file and destination: pending -> sending -> sent | failed)
+    corrections, training and federation sync are further job kinds; models records the
+    generations on disk and which one is active.
+
+States and kinds are stored as short strings (no database enum or CHECK), so adding a job
+kind or state later needs no migration; the Python enums below are the vocabulary.
+Every time column is a timezone-aware UTC datetime (:class:`db.base.UTCDateTime`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from db.base import JSONType, UTCDateTime, new_metadata, utcnow
+
+__all__ = [
+    "Instance",
+    "Job",
+    "JobKind",
+    "JobState",
+    "Model",
+    "NodeBase",
+    "NodeState",
+    "OutboxItem",
+    "OutboxState",
+    "Series",
+    "SeriesState",
+    "Study",
+]
+
+UID = String(64)  # DICOM UI: at most 64 characters
+AE = String(16)  # DICOM AE title
+
+
+class SeriesState(StrEnum):
+    """Where a series is in assembly."""
+
+    RECEIVING = "receiving"
+    """Instances are arriving (or may still arrive): wait for the quiet period."""
+    COMPLETE = "complete"
+    """Quiet for long enough; handed to routing (a job was created or it was skipped)."""
+    SKIPPED = "skipped"
+    """No routing rule matched, or it is not an image series; see ``state_reason``."""
+
+
+class JobKind(StrEnum):
+    """What a job does."""
+
+    SEGMENT = "segment"
+    CORRECTION = "correction"
+    TRAIN = "train"
+    SYNC = "sync"
+
+
+class JobState(StrEnum):
+    """A job's life cycle; ``done``, ``failed`` and ``skipped`` are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class OutboxState(StrEnum):
+    """Delivery state of one file to one destination."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+def _str_enum(enum: type[StrEnum]) -> Enum:
+    return Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class NodeBase(DeclarativeBase):
+    """Declarative base of the node schema (Alembic history ``db/migrations/node``)."""
+
+    metadata = new_metadata()
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSONType,
+    }
+
+
+class _Timestamps:
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Study(_Timestamps, NodeBase):
+    """A study with at least one received instance."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_description: Mapped[str | None] = mapped_column(Text)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(_Timestamps, NodeBase):
+    """A series as received; the unit of assembly, routing and segmentation.
+
+    ``revision`` counts how often the series was reopened: an instance arriving after the
+    series was complete sets it back to ``receiving`` and increments ``revision``, so the
+    assembler creates a new job (for the new revision) that supersedes the old one.
+    """
+
+    __tablename__ = "series"
+    __table_args__ = (Index("ix_series_state_last_received_at", "state", "last_received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(Text)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    image_type: Mapped[str | None] = mapped_column(String(128))
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    calling_ae: Mapped[str | None] = mapped_column(AE)
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+
+    state: Mapped[SeriesState] = mapped_column(
+        _str_enum(SeriesState), default=SeriesState.RECEIVING
+    )
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    num_frames: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column()
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(NodeBase):
+    """One received SOP instance, stored once in the spool (unique SOP Instance UID)."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    image_type: Mapped[str | None] = mapped_column(String(128))
+    spool_path: Mapped[str] = mapped_column(Text)
+    """Relative to the node's spool directory, with ``/`` separators."""
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    calling_ae: Mapped[str | None] = mapped_column(AE)
+    called_ae: Mapped[str | None] = mapped_column(AE)
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(_Timestamps, NodeBase):
+    """A unit of work with a state; workers claim queued jobs (``db.jobs.claim_next_job``).
+
+    ``(kind, series_id, series_revision)`` is unique, so creating the job for a series
+    revision twice (e.g. by an assembler restarted after a crash) is a no-op. A job for a
+    newer revision names the one it replaces in ``supersedes_id``.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("kind", "series_id", "series_revision"),
+        Index("ix_jobs_claim", "state", "kind", "priority", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    kind: Mapped[JobKind] = mapped_column(_str_enum(JobKind))
+    state: Mapped[JobState] = mapped_column(_str_enum(JobState), default=JobState.QUEUED)
+    series_id: Mapped[int | None] = mapped_column(
+        ForeignKey("series.id", ondelete="SET NULL"), index=True
+    )
+    series_revision: Mapped[int | None] = mapped_column(Integer)
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime | None] = mapped_column()
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None] = mapped_column()
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    error: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column()
+    result_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+
+    series: Mapped[Series | None] = relationship()
+    outbox: Mapped[list[OutboxItem]] = relationship(back_populates="job")
+
+
+class OutboxItem(_Timestamps, NodeBase):
+    """One file to deliver to one destination, retried with back-off until sent or failed.
+
+    Unique per (SOP Instance UID, destination), so enqueueing a resend is idempotent.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "ae_title", "host", "port"),
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), index=True
+    )
+    destination: Mapped[str | None] = mapped_column(String(64))
+    """The configured destination's name, if it came from one."""
+    ae_title: Mapped[str] = mapped_column(AE)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    state: Mapped[OutboxState] = mapped_column(_str_enum(OutboxState), default=OutboxState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_at: Mapped[datetime | None] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    """The DIMSE status of the last attempt, if one was received."""
+    sent_at: Mapped[datetime | None] = mapped_column()
+
+    job: Mapped[Job | None] = relationship(back_populates="outbox")
+
+
+class Model(NodeBase):
+    """A model generation on disk; at most one active generation per model name."""
+
+    __tablename__ = "models"
+    __table_args__ = (
+        UniqueConstraint("name", "generation"),
+        Index(
+            "uq_models_active_name",
+            "name",
+            unique=True,
+            sqlite_where=text("active"),
+            postgresql_where=text("active"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    source: Mapped[str | None] = mapped_column(String(32))
+    """Where it came from: ``bundled``, ``federation`` or ``local``."""
+    manifest: Mapped[dict[str, Any] | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column()
+
+
+class NodeState(NodeBase):
+    """Small named values the node keeps between runs (e.g. the sync client's cursor)."""
+
+    __tablename__ = "node_state"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,0 +1,206 @@
+"""Byte-level encoders and decoders for the few DIMSE structures on the receive path.
+
+Why this exists: pynetdicom builds every DIMSE command set as a pydicom ``Dataset`` and
+encodes it twice (once to compute the group length); a C-STORE-RSP costs about 0.4 ms of
+CPU and decoding a C-STORE-RQ about 0.2 ms. Writing the File Meta Information through
+pydicom costs another 0.2 ms. At ~2,000 images/s (dcmtk's rate on this kind of machine)
+that is most of the budget, so the three structures that occur once per received
+instance are encoded by hand here. They are small, fixed layouts (PS3.7 §9.3.1 and
+PS3.10 §7.1); anything unusual falls back to pynetdicom's general code.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+__all__ = [
+    "StoreRequestCommand",
+    "decode_command_set",
+    "decode_store_request",
+    "encode_file_meta",
+    "encode_store_response",
+]
+
+_ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
+_US = struct.Struct("<H")
+_UL = struct.Struct("<I")
+
+# Command Set element numbers (group 0x0000)
+_AFFECTED_SOP_CLASS = 0x0002
+_COMMAND_FIELD = 0x0100
+_MESSAGE_ID = 0x0110
+_MESSAGE_ID_RESPONDED = 0x0120
+_PRIORITY = 0x0700
+_DATASET_TYPE = 0x0800
+_STATUS = 0x0900
+_ERROR_COMMENT = 0x0902
+_AFFECTED_SOP_INSTANCE = 0x1000
+_MOVE_ORIGINATOR_AE = 0x1030
+_MOVE_ORIGINATOR_ID = 0x1031
+
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+NO_DATASET = 0x0101
+
+
+def _pad_uid(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _pad_text(text: str, limit: int) -> bytes:
+    # LO/SH/AE: no backslash (it is the value separator) and no control characters
+    cleaned = "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in text)[:limit]
+    raw = cleaned.encode("ascii")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def _implicit(element: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0x0000, element, len(value)) + value
+
+
+def encode_store_response(
+    *,
+    message_id: int,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    status: int,
+    error_comment: str | None = None,
+) -> bytes:
+    """Encode a C-STORE-RSP command set (Implicit VR Little Endian, PS3.7 §9.3.1.2).
+
+    Parameters
+    ----------
+    message_id : int
+        The Message ID of the request being answered.
+    sop_class_uid, sop_instance_uid : str
+        The Affected SOP Class and Instance UIDs of the request.
+    status : int
+        The DIMSE status (``0x0000`` success, ``0xA700`` out of resources, …).
+    error_comment : str, optional
+        A reason for a failure status, truncated to the 64 characters an LO allows.
+
+    Returns
+    -------
+    bytes
+        The command set including its (0000,0000) group length.
+    """
+    body = b"".join(
+        (
+            _implicit(_AFFECTED_SOP_CLASS, _pad_uid(sop_class_uid)),
+            _implicit(_COMMAND_FIELD, _US.pack(C_STORE_RSP)),
+            _implicit(_MESSAGE_ID_RESPONDED, _US.pack(message_id)),
+            _implicit(_DATASET_TYPE, _US.pack(NO_DATASET)),
+            _implicit(_STATUS, _US.pack(status)),
+            _implicit(_ERROR_COMMENT, _pad_text(error_comment, 64)) if error_comment else b"",
+            _implicit(_AFFECTED_SOP_INSTANCE, _pad_uid(sop_instance_uid)),
+        )
+    )
+    return _implicit(0x0000, _UL.pack(len(body))) + body
+
+
+def decode_command_set(data: bytes | memoryview) -> dict[int, bytes]:
+    """Split an Implicit VR Little Endian command set into ``{element: raw value}``.
+
+    Raises
+    ------
+    ValueError
+        If an element is not in group 0x0000 or runs past the end of ``data``.
+    """
+    view = memoryview(data)
+    end = len(view)
+    offset = 0
+    elements: dict[int, bytes] = {}
+    while offset < end:
+        if offset + 8 > end:
+            raise ValueError("truncated command set element header")
+        group, element, length = _ELEMENT.unpack_from(view, offset)
+        offset += 8
+        if group != 0x0000:
+            raise ValueError(f"command set element ({group:04X},{element:04X}) not in group 0000")
+        if length == 0xFFFFFFFF or offset + length > end:
+            raise ValueError(f"command set element (0000,{element:04X}) has a bad length")
+        elements[element] = bytes(view[offset : offset + length])
+        offset += length
+    return elements
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRequestCommand:
+    """The parameters of a C-STORE-RQ command set."""
+
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    priority: int
+    has_dataset: bool
+    move_originator_ae: str | None = None
+    move_originator_id: int | None = None
+
+
+def _uid(raw: bytes) -> str:
+    return raw.rstrip(b"\x00 ").decode("ascii")
+
+
+def decode_store_request(elements: dict[int, bytes]) -> StoreRequestCommand | None:
+    """Return the C-STORE-RQ parameters, or ``None`` if this is another kind of message.
+
+    Raises
+    ------
+    ValueError
+        If a mandatory element of a C-STORE-RQ is missing or malformed.
+    """
+    field = elements.get(_COMMAND_FIELD)
+    if field is None or len(field) != 2 or _US.unpack(field)[0] != C_STORE_RQ:
+        return None
+    try:
+        move_ae = elements.get(_MOVE_ORIGINATOR_AE)
+        move_id = elements.get(_MOVE_ORIGINATOR_ID)
+        return StoreRequestCommand(
+            message_id=_US.unpack(elements[_MESSAGE_ID])[0],
+            sop_class_uid=_uid(elements[_AFFECTED_SOP_CLASS]),
+            sop_instance_uid=_uid(elements[_AFFECTED_SOP_INSTANCE]),
+            priority=_US.unpack(elements.get(_PRIORITY, b"\x00\x00"))[0],
+            has_dataset=_US.unpack(elements[_DATASET_TYPE])[0] != NO_DATASET,
+            move_originator_ae=move_ae.decode("ascii", "replace").strip() if move_ae else None,
+            move_originator_id=_US.unpack(move_id)[0] if move_id else None,
+        )
+    except (KeyError, struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed C-STORE-RQ command set: {exc!r}") from exc
+
+
+def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def encode_file_meta(
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_class_uid: str,
+    implementation_version_name: str | None = None,
+    source_ae_title: str | None = None,
+) -> bytes:
+    """Encode the 128-byte preamble, ``DICM`` and the File Meta Information (PS3.10 §7.1).
+
+    The result, followed by the dataset exactly as received, is a conformant Part 10 file,
+    so the received bytes never have to be decoded and re-encoded.
+    """
+    body = b"".join(
+        (
+            _explicit(0x0001, b"OB", b"\x00\x01"),
+            _explicit(0x0002, b"UI", _pad_uid(sop_class_uid)),
+            _explicit(0x0003, b"UI", _pad_uid(sop_instance_uid)),
+            _explicit(0x0010, b"UI", _pad_uid(transfer_syntax_uid)),
+            _explicit(0x0012, b"UI", _pad_uid(implementation_class_uid)),
+            _explicit(0x0013, b"SH", _pad_text(implementation_version_name, 16))
+            if implementation_version_name
+            else b"",
+            _explicit(0x0016, b"AE", _pad_text(source_ae_title, 16)) if source_ae_title else b"",
+        )
+    )
+    return b"\x00" * 128 + b"DICM" + _explicit(0x0000, b"UL", _UL.pack(len(body))) + body

@@ -1,0 +1,131 @@
+"""pynetdicom event handlers: thin adapters from events to the store service and policy.
+
+They run on the association's thread and hold up its response, so they only translate: the
+work is in :class:`dicom_scp.store.StoreService`. A handler never lets an exception escape:
+a failure becomes a DIMSE failure status with an Error Comment and a log line, and the
+association carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.events import Event
+
+from dicom_scp.policy import CallerPolicy
+from dicom_scp.store import STATUS_BAD_DATASET, StoreRequest, StoreService
+
+__all__ = ["event_handlers", "handle_echo", "handle_requested", "handle_store"]
+
+LOGGER = logging.getLogger(__name__)
+
+_REJECT_PERMANENT = 0x01
+_SOURCE_SERVICE_USER = 0x01
+_CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+def _comment(text: str) -> str:
+    """An Error Comment value: printable ASCII without backslashes, at most 64 characters."""
+    return "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in text)[:64]
+
+
+def _peer(event: Event) -> tuple[str, str | None]:
+    requestor = event.assoc.requestor
+    return str(requestor.ae_title).strip(), requestor.address
+
+
+def handle_echo(event: Event) -> int:
+    """C-ECHO: always success (the association itself was already vetted)."""
+    return 0x0000
+
+
+def handle_store(event: Event, service: StoreService) -> int | Dataset:
+    """C-STORE: hand the raw data set to ``service`` and answer with its status."""
+    calling_ae, address = _peer(event)
+    request = event.request
+    try:
+        dataset = request.DataSet.getbuffer()
+        try:
+            result = service.store(
+                StoreRequest(
+                    sop_class_uid=str(request.AffectedSOPClassUID),
+                    sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    dataset=dataset,
+                    calling_ae=calling_ae,
+                    called_ae=str(event.assoc.acceptor.ae_title).strip(),
+                    peer_address=address,
+                )
+            )
+        finally:
+            dataset.release()
+    except Exception as exc:  # a bug must not take the association down
+        LOGGER.exception("C-STORE from %s@%s failed unexpectedly", calling_ae, address)
+        status = Dataset()
+        status.Status = STATUS_BAD_DATASET
+        status.ErrorComment = _comment(f"internal error: {type(exc).__name__}")
+        return status
+
+    if result.ok:
+        if result.duplicate:
+            LOGGER.info(
+                "C-STORE %s from %s@%s: already stored, answered success",
+                request.AffectedSOPInstanceUID,
+                calling_ae,
+                address,
+            )
+        return 0x0000
+    LOGGER.warning(
+        "C-STORE %s from %s@%s refused with 0x%04X: %s",
+        request.AffectedSOPInstanceUID,
+        calling_ae,
+        address,
+        result.status,
+        result.reason,
+    )
+    status = Dataset()
+    status.Status = result.status
+    status.ErrorComment = _comment(result.reason or "")
+    return status
+
+
+def handle_requested(event: Event, policy: CallerPolicy) -> None:
+    """A-ASSOCIATE-RQ: reject callers outside the allow list, logging why."""
+    calling_ae, address = _peer(event)
+    assoc = event.assoc
+    primitive = assoc.requestor.primitive
+    if primitive is not None and primitive.calling_ae_title:
+        calling_ae = str(primitive.calling_ae_title).strip()
+    reason = policy.check(calling_ae, address)
+    if reason is None:
+        return
+    LOGGER.warning("Association from %s@%s rejected: %s", calling_ae, address, reason)
+    assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
+def _log_established(event: Event) -> None:
+    calling_ae, address = _peer(event)
+    LOGGER.info("Association from %s@%s established", calling_ae, address)
+
+
+def _log_ended(event: Event) -> None:
+    calling_ae, address = _peer(event)
+    outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
+    LOGGER.info("Association from %s@%s %s", calling_ae, address, outcome)
+
+
+def event_handlers(service: StoreService, policy: CallerPolicy) -> list[Any]:
+    """The ``evt_handlers`` list for the node's storage SCP."""
+    return [
+        (evt.EVT_REQUESTED, handle_requested, [policy]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [service]),
+        (evt.EVT_ESTABLISHED, _log_established),
+        (evt.EVT_RELEASED, _log_ended),
+        (evt.EVT_ABORTED, _log_ended),
+    ]

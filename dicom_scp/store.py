@@ -1,0 +1,419 @@
+"""The receive pipeline behind C-STORE: check, parse, spool, index, answer.
+
+One :class:`StoreService` serves all associations. Each C-STORE runs on its association's
+thread: parse the header, write the file (temporary name, ``fdatasync``, rename), then
+:class:`GroupCommitter` records it in the index. Concurrent C-STOREs share index
+transactions and one directory ``fsync`` per directory for their renames (run alongside the
+index transaction): whoever finds no commit running commits everything queued, the others
+wait for it. With one association that is one transaction per instance and no thread
+switch; with eight the cost of a commit is shared. Nothing is answered before its own
+commit, and at start :meth:`StoreService.recover` completes or discards what a crash left.
+
+Status codes (Storage Service Class, PS3.4 §B.2.3); each failure has an Error Comment and a
+log line with the reason:
+
+======  ==============================================================
+0x0000  stored (also for an instance already stored: stored once)
+0xA700  out of resources: free disk below the watermark, or disk full
+0xA701  out of resources: the spool could not be written (I/O error)
+0xA702  out of resources: the index (database) could not be written
+0xA900  data set does not match the SOP class of the request
+0xC000  cannot understand: undecodable data set or missing UIDs
+======  ==============================================================
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Generic, Protocol, TypeVar
+
+from dicom_scp.ae import DAFNE_IMPLEMENTATION_UID, DAFNE_IMPLEMENTATION_VERSION
+from dicom_scp.codec import encode_file_meta
+from dicom_scp.header import HeaderError, InstanceHeader, parse_header
+from dicom_scp.policy import DiskWatermark
+from dicom_scp.spool import Spool, SpoolError
+
+__all__ = [
+    "STATUS_BAD_DATASET",
+    "STATUS_DISK_FULL",
+    "STATUS_INDEX_FAILED",
+    "STATUS_SOP_CLASS_MISMATCH",
+    "STATUS_SPOOL_FAILED",
+    "STATUS_SUCCESS",
+    "CommitTimeoutError",
+    "GroupCommitter",
+    "IndexResult",
+    "InstanceIndex",
+    "ReceivedInstance",
+    "RecoverableIndex",
+    "StoreRequest",
+    "StoreResult",
+    "StoreService",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_DISK_FULL = 0xA700
+STATUS_SPOOL_FAILED = 0xA701
+STATUS_INDEX_FAILED = 0xA702
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_BAD_DATASET = 0xC000
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedInstance:
+    """What the index records about one received, durably spooled instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    spool_path: str
+    size_bytes: int
+    received_at: datetime
+    calling_ae: str
+    called_ae: str | None = None
+    peer_address: str | None = None
+    modality: str | None = None
+    body_part_examined: str | None = None
+    series_description: str | None = None
+    study_description: str | None = None
+    image_type: str | None = None
+    series_number: int | None = None
+    instance_number: int | None = None
+    number_of_frames: int | None = None
+    patient_id: str | None = None
+    study_date: str | None = None
+    accession_number: str | None = None
+
+
+class IndexResult(Protocol):
+    """The index's answer for one instance."""
+
+    @property
+    def duplicate(self) -> bool:
+        """True if the SOP Instance UID was already indexed (nothing was added)."""
+        ...
+
+    @property
+    def spool_path(self) -> str:
+        """The spool path on record for this SOP Instance UID."""
+        ...
+
+
+class InstanceIndex(Protocol):
+    """Where received instances are recorded (the node's database).
+
+    ``index_batch`` must record all of ``records`` in one transaction, be idempotent per
+    SOP Instance UID, return one result per record in order, and return only after the
+    transaction is durable. It is called from a single thread.
+    """
+
+    def index_batch(self, records: Sequence[ReceivedInstance]) -> Sequence[IndexResult]:
+        """Record ``records``; see the class docstring for the contract."""
+        ...
+
+
+class RecoverableIndex(InstanceIndex, Protocol):
+    """An index that can also say whether a spool path is recorded (for crash recovery)."""
+
+    def has_spool_path(self, spool_path: str) -> bool:
+        """Whether an instance with this spool path is indexed."""
+        ...
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class CommitTimeoutError(TimeoutError):
+    """An item was not committed in time (the database is locked or down)."""
+
+
+class GroupCommitter(Generic[T, R]):
+    """Commit items from many threads in shared batches (leader/follower group commit).
+
+    A thread calling :meth:`commit` queues its item; if no batch is being committed it
+    becomes the leader and commits everything queued (up to ``max_batch``) itself, then
+    hands leadership to a waiting thread. So one association pays no thread switch at
+    all, and eight concurrent associations share commits: while one batch is being
+    written, the next one gathers.
+
+    Parameters
+    ----------
+    commit : callable
+        Takes a list of items, returns one result per item. Never called concurrently.
+        If it raises for a batch of several items, each item is retried on its own so
+        that one bad item fails alone.
+    max_batch : int
+        Most items per call.
+    """
+
+    def __init__(self, commit: Callable[[list[T]], Sequence[R]], *, max_batch: int = 256) -> None:
+        self._commit = commit
+        self._max_batch = max_batch
+        self._cond = threading.Condition()
+        self._pending: list[tuple[T, Future[R]]] = []
+        self._committing = False
+
+    def commit(self, item: T, timeout: float | None = None) -> R:
+        """Commit ``item`` (in some batch) and return its result.
+
+        Raises
+        ------
+        CommitTimeoutError
+            If it was not committed within ``timeout`` seconds; it may still be later.
+        Exception
+            Whatever the commit function raised for this item.
+        """
+        entry: tuple[T, Future[R]] = (item, Future())
+        future = entry[1]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._pending.append(entry)
+            while not future.done():
+                if not self._committing:
+                    self._lead()
+                    continue
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    if entry in self._pending:
+                        self._pending.remove(entry)
+                    raise CommitTimeoutError("not committed in time")
+                self._cond.wait(remaining)
+        return future.result()
+
+    def _lead(self) -> None:
+        # called with the condition held; releases it while committing
+        self._committing = True
+        batch = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        self._cond.release()
+        try:
+            self._process(batch)
+        finally:
+            self._cond.acquire()
+            self._committing = False
+            self._cond.notify_all()
+
+    def _process(self, batch: list[tuple[T, Future[R]]]) -> None:
+        items = [item for item, _ in batch]
+        try:
+            results = self._commit(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"commit returned {len(results)} results for {len(items)}")
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            LOGGER.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
+            for entry in batch:
+                self._process([entry])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """One C-STORE as the handler hands it over."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    dataset: bytes | memoryview
+    calling_ae: str
+    called_ae: str | None = None
+    peer_address: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """The answer for one C-STORE: a DIMSE status and, for failures, the reason."""
+
+    status: int
+    reason: str | None = None
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True for success."""
+        return self.status == STATUS_SUCCESS
+
+
+class StoreService:
+    """Store received instances durably and index them (see the module docstring).
+
+    Parameters
+    ----------
+    spool : Spool
+        Where files go.
+    index : InstanceIndex
+        Where they are recorded.
+    watermark : DiskWatermark, optional
+        Free-space floor; ``None`` disables the check.
+    index_timeout_s : float
+        How long a C-STORE waits for its commit before failing with 0xA702.
+    max_batch : int
+        Most instances per index transaction.
+    """
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        index: InstanceIndex,
+        watermark: DiskWatermark | None = None,
+        index_timeout_s: float = 30.0,
+        max_batch: int = 256,
+    ) -> None:
+        self.spool = spool
+        self.index = index
+        self.watermark = watermark
+        self.index_timeout_s = index_timeout_s
+        self._committer: GroupCommitter[ReceivedInstance, IndexResult] = GroupCommitter(
+            self._commit, max_batch=max_batch
+        )
+        self._dir_syncer: ThreadPoolExecutor | None = None
+        self._syncer_lock = threading.Lock()
+
+    def _commit(self, records: list[ReceivedInstance]) -> Sequence[IndexResult]:
+        # The renames must be durable before any of these instances is acknowledged. The
+        # directory fsync (an I/O wait) runs on a helper thread while this one writes the
+        # index, so the two overlap instead of adding up. Should the node die after the
+        # index commit but before the directory fsync, nothing was acknowledged, the data
+        # is safe under its temporary name (fdatasynced first), and Spool.recover redoes
+        # the rename at the next start; a resend meanwhile rewrites the file and is
+        # answered as a duplicate.
+        paths = [record.spool_path for record in records]
+        if not self.spool.durable:
+            return self.index.index_batch(records)
+        with self._syncer_lock:
+            if self._dir_syncer is None:
+                self._dir_syncer = ThreadPoolExecutor(1, thread_name_prefix="spool-dirsync")
+            synced = self._dir_syncer.submit(self.spool.sync_dirs, paths)
+        try:
+            results = self.index.index_batch(records)
+        finally:
+            synced.result()
+        return results
+
+    def recover(self) -> tuple[int, int]:
+        """Finish or discard spool files left by a crash (see :meth:`Spool.recover`)."""
+        check = getattr(self.index, "has_spool_path", None)
+        return self.spool.recover(check)
+
+    def close(self) -> None:
+        """Stop the helper thread (after the last C-STORE; a later C-STORE restarts it)."""
+        with self._syncer_lock:
+            syncer, self._dir_syncer = self._dir_syncer, None
+        if syncer is not None:
+            syncer.shutdown(wait=True)
+
+    def store(self, request: StoreRequest) -> StoreResult:
+        """Run the pipeline for one instance and return the status to answer with."""
+        size = len(request.dataset)
+        if self.watermark is not None:
+            reason = self.watermark.check(size)
+            if reason:
+                return StoreResult(STATUS_DISK_FULL, reason)
+
+        try:
+            header = parse_header(request.dataset, request.transfer_syntax_uid)
+        except HeaderError as exc:
+            return StoreResult(STATUS_BAD_DATASET, str(exc))
+        if header.sop_class_uid != request.sop_class_uid:
+            return StoreResult(
+                STATUS_SOP_CLASS_MISMATCH,
+                f"data set SOP Class {header.sop_class_uid} differs from the request's "
+                f"{request.sop_class_uid}",
+            )
+        if header.sop_instance_uid != request.sop_instance_uid:
+            return StoreResult(
+                STATUS_BAD_DATASET,
+                f"data set SOP Instance UID {header.sop_instance_uid} differs from the "
+                f"request's {request.sop_instance_uid}",
+            )
+
+        relative = self.spool.relative_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        wrote = False
+        if not self.spool.exists(relative):  # a file under its final name is complete
+            meta = encode_file_meta(
+                sop_class_uid=request.sop_class_uid,
+                sop_instance_uid=request.sop_instance_uid,
+                transfer_syntax_uid=request.transfer_syntax_uid,
+                implementation_class_uid=DAFNE_IMPLEMENTATION_UID,
+                implementation_version_name=DAFNE_IMPLEMENTATION_VERSION,
+                source_ae_title=request.calling_ae,
+            )
+            try:
+                size = self.spool.write(relative, (meta, request.dataset))
+            except SpoolError as exc:
+                status = STATUS_DISK_FULL if exc.errno == errno.ENOSPC else STATUS_SPOOL_FAILED
+                return StoreResult(status, f"spool write failed: {exc.strerror}")
+            wrote = True
+        else:
+            size = self.spool.path(relative).stat().st_size
+
+        record = _record(request, header, relative, size)
+        try:
+            result = self._committer.commit(record, self.index_timeout_s)
+        except CommitTimeoutError:
+            return StoreResult(STATUS_INDEX_FAILED, "index write timed out")
+        except Exception as exc:
+            LOGGER.exception("indexing %s failed", request.sop_instance_uid)
+            return StoreResult(STATUS_INDEX_FAILED, f"index write failed: {type(exc).__name__}")
+
+        if result.duplicate and wrote and result.spool_path != relative:
+            # same SOP Instance UID filed under another study/series: keep the first copy
+            LOGGER.warning(
+                "SOP Instance %s already stored as %s; discarding the copy at %s",
+                request.sop_instance_uid,
+                result.spool_path,
+                relative,
+            )
+            try:
+                self.spool.path(relative).unlink()
+            except OSError as exc:
+                LOGGER.warning("cannot remove %s: %s", relative, exc)
+        return StoreResult(STATUS_SUCCESS, duplicate=result.duplicate)
+
+
+def _record(
+    request: StoreRequest, header: InstanceHeader, relative: str, size: int
+) -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        transfer_syntax_uid=request.transfer_syntax_uid,
+        study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        spool_path=relative,
+        size_bytes=size,
+        received_at=datetime.now(UTC),
+        calling_ae=request.calling_ae,
+        called_ae=request.called_ae,
+        peer_address=request.peer_address,
+        modality=header.modality,
+        body_part_examined=header.body_part_examined,
+        series_description=header.series_description,
+        study_description=header.study_description,
+        image_type=header.image_type,
+        series_number=header.series_number,
+        instance_number=header.instance_number,
+        number_of_frames=header.number_of_frames,
+        patient_id=header.patient_id,
+        study_date=header.study_date,
+        accession_number=header.accession_number,
+    )

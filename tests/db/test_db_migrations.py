@@ -1,0 +1,72 @@
+"""The node schema is created by Alembic and matches the ORM models on both databases."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
+
+from db.base import utcnow
+from db.migrate import current_revision, head_revision, upgrade
+from db.node_models import Model, NodeBase, NodeState
+from db.session import make_engine, session_scope
+
+
+def test_upgrade_to_head_and_again(engine: Engine) -> None:
+    assert current_revision(engine) == head_revision()
+    assert upgrade(engine) == head_revision()  # a second start changes nothing
+    tables = set(inspect(engine).get_table_names())
+    assert {"studies", "series", "instances", "jobs", "outbox", "models", "node_state"} <= tables
+    assert "alembic_version_node" in tables
+
+
+def test_migrated_schema_matches_models(engine: Engine) -> None:
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "version_table": "alembic_version_node"}
+        )
+        assert compare_metadata(context, NodeBase.metadata) == []
+
+
+def test_upgrade_accepts_a_path_or_url(tmp_path: Path) -> None:
+    path = tmp_path / "fresh" / "node.db"
+    assert upgrade(path) == head_revision()
+    engine = make_engine(path)
+    try:
+        assert current_revision(engine) == head_revision()
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_times_round_trip_timezone_aware(engine: Engine) -> None:
+    now = utcnow()
+    with session_scope(engine) as session:
+        session.add(NodeState(key="cursor", value={"generation": 3}, updated_at=now))
+    with session_scope(engine) as session:
+        row = session.get(NodeState, "cursor")
+        assert row is not None
+        assert row.value == {"generation": 3}
+        assert row.updated_at.tzinfo is not None
+        assert abs(row.updated_at - now) < timedelta(milliseconds=1)
+
+
+def test_one_active_generation_per_model(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        session.add(Model(name="leg", generation=1, path="a", sha256="0" * 64, active=True))
+        session.add(Model(name="leg", generation=2, path="b", sha256="1" * 64, active=False))
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"), session_scope(engine) as session:
+        session.add(Model(name="leg", generation=3, path="c", sha256="2" * 64, active=True))
+
+
+def test_sqlite_pragmas(sqlite_engine: Engine) -> None:
+    with sqlite_engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        connection.execute(text("SELECT 1"))
