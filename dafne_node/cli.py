@@ -477,7 +477,7 @@ def run_send(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     """Print the node's status from its database."""
-    from dafne_node.models import active_model_info
+    from dafne_node.model_registry import active_model_info
     from dafne_node.status import collect_status, format_status
 
     config = _load_node_config(args)

@@ -48,7 +48,9 @@ def setup_logging(level: str = "warning", fmt: LogFormat = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pynetdicom logs every refused connection as an error of its own; the node
-    # reports those itself, with the destination, so keep pynetdicom for debugging.
+    # pynetdicom logs every refused connection as an error of its own, and pydicom
+    # warns about every quirk it repairs while reading; the node reports what matters
+    # itself, with the file or destination, so keep their chatter for debugging.
     if root.level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.assembler import SeriesAssembler
 from dafne_node.config import NodeConfig
-from dafne_node.models import register_active_model
+from dafne_node.model_registry import register_active_model
 from dafne_node.outbox import OutboxSender, requeue_interrupted_sends
 from dafne_node.segmentation import SeriesSegmenter
 from dafne_node.worker import SegmentationWorker

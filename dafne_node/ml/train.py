@@ -16,9 +16,16 @@ Choices and why:
   view, and the labels do not distinguish sides), small rotations/scalings/shifts (patient
   positioning), and intensity changes (gamma, contrast, bias field, noise) for scanner and
   protocol differences between hospitals.
-* AdamW with a short warm-up and cosine decay: robust without tuning, for 2-layer-deep
-  fine-tuning and for training from scratch alike.
-* Everything random is drawn from one seeded generator, so a run is repeatable.
+* AdamW with a short warm-up and cosine decay: robust without tuning, for fine-tuning and
+  for training from scratch alike.
+* Training runs in NCHW with bf16 autocast where the CPU supports it; see :func:`train`.
+* Everything random is drawn from one seeded generator, so a run is repeatable (bit-for-bit
+  on the same machine and thread count).
+
+The bundled model: ``build_default_model(default_model_dir())`` - 48 site-A phantom
+subjects (seeds 1000-1047), 1200 steps of 8 slices - took 20 minutes on 2 shared CPU cores
+and reached a mean Dice of 0.977 on 20 held-out site-A subjects (seeds 0-19); the manifest's
+``training`` entry records the numbers of every site.
 """
 
 from __future__ import annotations
