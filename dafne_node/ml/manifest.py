@@ -271,6 +271,13 @@ def load_model_dir(model_dir: str | os.PathLike[str]) -> LoadedModel:
             f"manifest {root / MANIFEST_FILE} lists {len(manifest.labels)} labels but the "
             f"architecture has {out_channels} output classes (labels + background)"
         )
+    multiple = 2 ** int(model.architecture_params.get("depth", 0))
+    if any(n % multiple for n in manifest.preprocessing.input_shape):
+        raise ModelError(
+            f"manifest {root / MANIFEST_FILE}: preprocessing.input_shape "
+            f"{tuple(manifest.preprocessing.input_shape)} must be multiples of {multiple} "
+            f"for architecture {spec.id!r} with depth {multiple.bit_length() - 1}"
+        )
     values = sorted(label.value for label in manifest.labels)
     if values != list(range(1, len(values) + 1)):
         raise ModelError(

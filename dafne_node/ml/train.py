@@ -393,7 +393,7 @@ def build_default_model(
     seed: int = 0,
     slices: int = 40,
     eval_sites: Sequence[str] = ("B", "C", "D"),
-    precision: Precision = "bf16",
+    precision: Precision = "auto",
     progress: bool = True,
     params: Mapping[str, int] | None = None,
     device: str | torch.device = "cpu",
@@ -423,8 +423,8 @@ def build_default_model(
     eval_sites:
         Sites evaluated besides held-out site A.
     precision:
-        Training precision ("bf16" autocast is ~2x faster on CPUs with AVX512-BF16 and
-        gives the same Dice; "auto" picks it where supported).
+        Training precision: "auto" (default) uses bf16 autocast where the CPU has native
+        bf16 (about 1.5x faster per step here, same Dice), else fp32.
     progress:
         Show progress bars.
     params:

@@ -59,3 +59,11 @@ def test_segmenter_does_not_touch_loaded_model(tiny_loaded: LoadedModel) -> None
     for k, v in tiny_loaded.model.state_dict().items():
         assert torch.equal(v, before[k])
         assert v.is_contiguous()
+
+
+def test_bad_input_refused(tiny_loaded: LoadedModel) -> None:
+    seg = Segmenter(tiny_loaded, precision="fp32")
+    with pytest.raises(ValueError, match="slices, rows, cols"):
+        seg.segment(np.zeros((32, 32), np.uint16), (1.0, 1.0))
+    with pytest.raises(ValueError, match="pixel_spacing"):
+        seg.segment(np.zeros((1, 32, 32), np.uint16), (0.0, 1.0))

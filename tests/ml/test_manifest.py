@@ -169,3 +169,9 @@ def test_model_error_is_value_error() -> None:
 def test_default_model_dir_location() -> None:
     path = default_model_dir()
     assert path.parts[-3:] == ("dafne_node", "models", "leg-default")
+
+
+def test_input_shape_must_fit_depth(tiny_model_dir: Path) -> None:
+    _edit_manifest(tiny_model_dir, lambda d: d["preprocessing"].update(input_shape=[64, 66]))
+    with pytest.raises(ModelError, match="multiples of 4"):
+        load_model_dir(tiny_model_dir)
