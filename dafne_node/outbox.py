@@ -134,10 +134,12 @@ def settle_job(session: Session, job_id: int) -> None:
     job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.state != JobState.SENDING:
         return
-    counts = dict(session.execute(
-        select(OutboxItem.state, func.count()).where(OutboxItem.job_id == job_id)
-        .group_by(OutboxItem.state)
-    ).tuples().all())
+    counts: dict[str, int] = {
+        state: count for state, count in session.execute(
+            select(OutboxItem.state, func.count()).where(OutboxItem.job_id == job_id)
+            .group_by(OutboxItem.state)
+        )
+    }
     if counts.get(OutboxState.PENDING) or counts.get(OutboxState.SENDING):
         return
     if counts.get(OutboxState.FAILED):
