@@ -62,6 +62,9 @@ def test_pushed_study_comes_back_with_a_seg(tmp_path: Path) -> None:
     assert result["status"]["jobs"]["done"] == 1
     assert result["status"]["instances_received"] == 40
     assert result["latency_s"] < 60
+    # SIGTERM: a clean stop, exit code 0, the stop logged.
+    assert result["exit_code"] == 0, result["log"]
+    assert "stopped" in result["log"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,9 +100,10 @@ def _drive_e2e(work: Path, images: Path) -> dict[str, Any]:
             seg_file.write_bytes(orthanc.instance_file(instance["ID"]))
             status = json.loads(_node_status(work))
         finally:
-            node.stop()
+            exit_code = node.stop()
         return {"seg_series": len(found), "seg_file": str(seg_file), "status": status,
-                "latency_s": round(latency, 2)}
+                "latency_s": round(latency, 2), "exit_code": exit_code,
+                "log": node.log_tail(3000)}
 
 
 def _node_status(work: Path) -> str:
