@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dafne_node.config import NodeConfig
-from db.base import utcnow
+from db.base import dialect_insert, utcnow
 from db.node_models import Model
 
 LOGGER = logging.getLogger(__name__)
@@ -23,21 +23,29 @@ def register_active_model(
     session: Session, *, name: str, generation: int, path: str, sha256: str, source: str,
     manifest: dict[str, object] | None = None,
 ) -> Model:
-    """Record a verified model directory and make it the active generation of ``name``."""
+    """Record a verified model directory and make it the active generation of ``name``.
+
+    Safe when several node processes start at once: the row is inserted with
+    ``ON CONFLICT DO NOTHING`` and the switch of the active flag locks the rows it changes.
+    """
+    session.execute(
+        dialect_insert(session, Model)
+        .values(name=name, generation=generation, path=path, sha256=sha256, source=source,
+                manifest=manifest, active=False, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["name", "generation"])
+    )
     row = session.scalars(
         select(Model).where(Model.name == name, Model.generation == generation)
-    ).first()
-    if row is None:
-        row = Model(name=name, generation=generation, path=path, sha256=sha256, source=source,
-                    manifest=manifest)
-        session.add(row)
-    elif row.sha256 != sha256 or row.path != path:
+        .with_for_update()
+    ).one()
+    if row.sha256 != sha256:
         LOGGER.warning("model %s generation %d changed on disk (%s -> %s)", name, generation,
                        row.sha256[:12], sha256[:12])
         row.sha256, row.path, row.manifest = sha256, path, manifest
     if not row.active:
         session.execute(
-            update(Model).where(Model.name == name, Model.active).values(active=False)
+            update(Model).where(Model.name == name, Model.active, Model.id != row.id)
+            .values(active=False).execution_options(synchronize_session=False)
         )
         session.flush()
         row.active = True

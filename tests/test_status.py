@@ -7,8 +7,6 @@ the reason when the server is unreachable). ``populate`` is also used by the API
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,7 +15,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, text
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.status import NodeStatus, collect_status, format_status
@@ -35,10 +32,8 @@ from db.node_models import (
     Study,
 )
 from db.session import make_engine, make_session_factory, session_scope
+from tests.postgres import PG_URL, temporary_schema
 
-PG_URL = os.environ.get(
-    "DAFNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test?connect_timeout=3"
-)
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 MODEL = ("dafne-leg", 3)
 PACS = "PACS@10.0.0.5:104"
@@ -58,25 +53,13 @@ def sqlite_database(path: Path) -> tuple[Engine, sessionmaker[Session]]:
 @pytest.fixture(scope="session")
 def pg_engine() -> Iterator[Engine]:
     """A migrated, throw-away PostgreSQL schema for this test session."""
-    admin = make_engine(PG_URL)
-    try:
-        with admin.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except OperationalError as error:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL unreachable at {PG_URL}: {str(error.orig).splitlines()[0]}")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with admin.begin() as connection:
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-    engine = make_engine(PG_URL, schema=schema)
-    try:
-        upgrade(engine)
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as connection:
-            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with temporary_schema("t_status") as schema:
+        engine = make_engine(PG_URL, schema=schema)
+        try:
+            upgrade(engine)
+            yield engine
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

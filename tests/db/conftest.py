@@ -6,37 +6,22 @@ concurrent test runs on the shared server never see each other's tables.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import OperationalError
 
 from db.migrate import upgrade
 from db.session import make_engine
-
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from tests.postgres import PG_URL, temporary_schema
 
 
 @pytest.fixture(scope="session")
 def pg_schema() -> Iterator[str]:
     """A fresh PostgreSQL schema for this test session (skips if no server)."""
-    schema = f"test_db_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(PG_URL)
-    try:
-        with admin.begin() as connection:
-            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable: {exc.orig}")
-    try:
+    with temporary_schema("test_db") as schema:
         yield schema
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def _pg_engine(schema: str) -> Engine:

@@ -13,14 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from dafne_node.phantom import make_study
@@ -31,10 +29,10 @@ from dicom_scp.receiver import StorageServer
 from dicom_scp.sender import AssociationError, echo, send_files
 from dicom_scp.spool import Spool
 from dicom_scp.store import ReceivedInstance
+from tests.postgres import PG_URL, temporary_schema
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DAFNE_NODE = str(Path(sys.executable).with_name("dafne-node"))
 SERIES = 6
 NODE_PORT = 11790
@@ -63,20 +61,8 @@ class MemoryIndex:
 
 @pytest.fixture
 def pg_schema() -> Iterator[str]:
-    schema = f"t_workers_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(PG_URL)
-    try:
-        with admin.begin() as connection:
-            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable: {exc.orig}")
-    try:
+    with temporary_schema("t_workers") as schema:
         yield schema
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
