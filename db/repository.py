@@ -421,14 +421,6 @@ class SqlInstanceIndex:
             self._series.clear()
             return self._commit(records)
 
-    def has_spool_path(self, spool_path: str) -> bool:
-        """Whether an instance stored at ``spool_path`` is indexed (for spool recovery)."""
-        with self.engine.connect() as connection:
-            found = connection.execute(
-                select(Instance.id).where(Instance.spool_path == spool_path).limit(1)
-            ).first()
-        return found is not None
-
     def close(self) -> None:
         """Return the connection to the pool."""
         raw, self._raw = self._raw, None

@@ -5,7 +5,7 @@ temporary name in its final directory, flushed with ``fdatasync``, and renamed; 
 itself becomes durable when the directory is fsynced, which :meth:`Spool.sync_dirs` does
 for a whole batch of instances at once (group commit). A file under its final name is
 therefore always complete: a crash leaves at most a ``*.tmp`` file, which
-:meth:`Spool.remove_temp_files` deletes at start (it was never acknowledged).
+:meth:`Spool.recover` deletes at start (it was never acknowledged).
 
 The layout is deterministic, ``<root>/<Study UID>/<Series UID>/<SOP Instance UID>.dcm``,
 so the same instance received twice lands on the same path and is stored once.
@@ -20,10 +20,11 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Spool", "SpoolError"]
+__all__ = ["Spool", "SpoolError", "StagedFile"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +32,16 @@ _SAFE_UID = re.compile(r"[0-9.]{1,64}")
 _SUFFIX = ".dcm"
 _TEMP_SUFFIX = ".tmp"
 _KNOWN_DIRS_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file written under its temporary name, open, not yet flushed or renamed."""
+
+    fd: int
+    temp: Path
+    final: Path
+    size: int
 
 
 class SpoolError(OSError):
@@ -119,6 +130,21 @@ class Spool:
         SpoolError
             If the file cannot be written; no temporary file is left behind.
         """
+        staged = self.stage(relative, chunks)
+        self.finish([staged])
+        return staged.size
+
+    def stage(self, relative: str, chunks: Sequence[bytes | memoryview]) -> StagedFile:
+        """Write ``chunks`` under a temporary name next to ``relative``, not yet flushed.
+
+        :meth:`finish` makes it durable and gives it its final name. Splitting the two
+        lets the receiver flush the file while it commits the index, instead of after.
+
+        Raises
+        ------
+        SpoolError
+            If the file cannot be written; no temporary file is left behind.
+        """
         final = self.root / relative
         directory = final.parent
         temp = directory / f".{final.name}.{uuid.uuid4().hex[:12]}{_TEMP_SUFFIX}"
@@ -138,16 +164,47 @@ class Spool:
                         pending.pop(0)
                     if pending and written:
                         pending[0] = pending[0][written:]
-                if self.durable:
-                    os.fdatasync(fd)
-            finally:
+            except BaseException:
                 os.close(fd)
-            os.replace(temp, final)
+                raise
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise SpoolError(exc.errno, f"cannot write {final}: {exc.strerror}") from exc
-        return total
+        return StagedFile(fd=fd, temp=temp, final=final, size=total)
+
+    def finish(self, staged: Sequence[StagedFile]) -> None:
+        """Flush each staged file, rename it to its final name, close it.
+
+        Raises
+        ------
+        SpoolError
+            For the first file that fails; its temporary file is removed. The other
+            files are still finished.
+        """
+        failure: SpoolError | None = None
+        for item in staged:
+            try:
+                try:
+                    if self.durable:
+                        os.fdatasync(item.fd)
+                finally:
+                    os.close(item.fd)
+                os.replace(item.temp, item.final)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(item.temp)
+                failure = failure or SpoolError(
+                    exc.errno, f"cannot write {item.final}: {exc.strerror}")
+        if failure is not None:
+            raise failure
+
+    def discard(self, staged: StagedFile) -> None:
+        """Close and delete a staged file that will not be finished."""
+        with contextlib.suppress(OSError):
+            os.close(staged.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(staged.temp)
 
     def sync_dirs(self, relatives: Iterable[str]) -> None:
         """Make the renames of the given files durable: fsync each distinct directory once."""
@@ -162,52 +219,29 @@ class Spool:
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
 
-    def recover(self, is_indexed: Callable[[str], bool] | None = None) -> tuple[int, int]:
-        """Deal with temporary files left by a crash; return ``(completed, removed)``.
+    def recover(self) -> int:
+        """Delete the temporary files a crash left behind; return how many.
 
-        A temporary file is complete once it has been fdatasynced, and the index records an
-        instance only after that. So a temporary file whose final name is missing but whose
-        path ``is_indexed`` says is recorded lost only its rename (the node died between
-        the index commit and the directory fsync): the rename is redone. Every other
-        temporary file was never acknowledged and is deleted.
-
-        Parameters
-        ----------
-        is_indexed : callable, optional
-            Takes a spool-relative path, tells whether the index has it. Without it every
-            temporary file is deleted.
+        A temporary file may not have been flushed (the receiver flushes it while it
+        commits the index), so none is trusted. None of them was acknowledged: an
+        instance is answered only after its file is flushed and renamed and the rename
+        is durable, so the sender still has it and sends it again, and a resend writes
+        the file anew because its final name does not exist.
         """
-        completed = removed = 0
+        removed = 0
         for directory, _, files in os.walk(self.root):
             for name in files:
                 if not (name.startswith(".") and name.endswith(_TEMP_SUFFIX)):
                     continue
-                temp = Path(directory) / name
-                final = temp.with_name(name[1:].rsplit(".", 2)[0])
-                relative = final.relative_to(self.root).as_posix()
                 try:
-                    if not final.exists() and is_indexed is not None and is_indexed(relative):
-                        os.replace(temp, final)
-                        if self.durable:
-                            _fsync_dir(final.parent)
-                        completed += 1
-                    else:
-                        temp.unlink()
-                        removed += 1
+                    (Path(directory) / name).unlink()
+                    removed += 1
                 except OSError as exc:
-                    LOGGER.warning("cannot recover temporary spool file %s: %s", temp, exc)
-        if completed or removed:
-            LOGGER.info(
-                "spool recovery after a crash: %d renames completed, %d unacknowledged "
-                "partial files removed",
-                completed,
-                removed,
-            )
-        return completed, removed
-
-    def remove_temp_files(self) -> int:
-        """Delete every temporary file left by a crash; return how many."""
-        return self.recover(None)[1]
+                    LOGGER.warning("cannot remove temporary spool file %s: %s", name, exc)
+        if removed:
+            LOGGER.info("spool recovery after a crash: %d unacknowledged partial files removed",
+                        removed)
+        return removed
 
     def iter_files(self) -> Iterator[str]:
         """All stored instances, as spool-relative paths."""

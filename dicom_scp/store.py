@@ -38,7 +38,7 @@ from dicom_scp.ae import DAFNE_IMPLEMENTATION_UID, DAFNE_IMPLEMENTATION_VERSION
 from dicom_scp.codec import encode_file_meta
 from dicom_scp.header import HeaderError, InstanceHeader, parse_header
 from dicom_scp.policy import DiskWatermark
-from dicom_scp.spool import Spool, SpoolError
+from dicom_scp.spool import Spool, SpoolError, StagedFile
 
 __all__ = [
     "STATUS_BAD_DATASET",
@@ -52,7 +52,6 @@ __all__ = [
     "IndexResult",
     "InstanceIndex",
     "ReceivedInstance",
-    "RecoverableIndex",
     "StoreRequest",
     "StoreResult",
     "StoreService",
@@ -120,14 +119,6 @@ class InstanceIndex(Protocol):
 
     def index_batch(self, records: Sequence[ReceivedInstance]) -> Sequence[IndexResult]:
         """Record ``records``; see the class docstring for the contract."""
-        ...
-
-
-class RecoverableIndex(InstanceIndex, Protocol):
-    """An index that can also say whether a spool path is recorded (for crash recovery)."""
-
-    def has_spool_path(self, spool_path: str) -> bool:
-        """Whether an instance with this spool path is indexed."""
         ...
 
 
@@ -285,32 +276,40 @@ class StoreService:
         )
         self._dir_syncer: ThreadPoolExecutor | None = None
         self._syncer_lock = threading.Lock()
+        self._staged: dict[str, StagedFile] = {}
+        self._staged_lock = threading.Lock()
 
     def _commit(self, records: list[ReceivedInstance]) -> Sequence[IndexResult]:
-        # The renames must be durable before any of these instances is acknowledged. The
-        # directory fsync (an I/O wait) runs on a helper thread while this one writes the
-        # index, so the two overlap instead of adding up. Should the node die after the
-        # index commit but before the directory fsync, nothing was acknowledged, the data
-        # is safe under its temporary name (fdatasynced first), and Spool.recover redoes
-        # the rename at the next start; a resend meanwhile rewrites the file and is
-        # answered as a duplicate.
+        # Nothing in ``records`` is acknowledged before both the files and the index are
+        # durable. The files' flushes, renames and directory fsyncs (I/O waits) run on a
+        # helper thread while this one commits the index, so the waits overlap instead of
+        # adding up. Should the node die in between, the index may name an instance whose
+        # file is still a temporary one: it was not acknowledged, Spool.recover deletes the
+        # temporary file at the next start, and the sender's resend writes the file again
+        # (its final name does not exist) and is answered as a duplicate in the index.
         paths = [record.spool_path for record in records]
+        with self._staged_lock:
+            staged = [self._staged.pop(path) for path in paths if path in self._staged]
         if not self.spool.durable:
+            self.spool.finish(staged)
             return self.index.index_batch(records)
         with self._syncer_lock:
             if self._dir_syncer is None:
-                self._dir_syncer = ThreadPoolExecutor(1, thread_name_prefix="spool-dirsync")
-            synced = self._dir_syncer.submit(self.spool.sync_dirs, paths)
+                self._dir_syncer = ThreadPoolExecutor(1, thread_name_prefix="spool-sync")
+            synced = self._dir_syncer.submit(self._finish_files, staged, paths)
         try:
             results = self.index.index_batch(records)
         finally:
-            synced.result()
+            synced.result()  # a failed flush fails every C-STORE of the batch
         return results
 
-    def recover(self) -> tuple[int, int]:
-        """Finish or discard spool files left by a crash (see :meth:`Spool.recover`)."""
-        check = getattr(self.index, "has_spool_path", None)
-        return self.spool.recover(check)
+    def _finish_files(self, staged: list[StagedFile], paths: list[str]) -> None:
+        self.spool.finish(staged)
+        self.spool.sync_dirs(paths)
+
+    def recover(self) -> int:
+        """Remove spool files left unfinished by a crash (see :meth:`Spool.recover`)."""
+        return self.spool.recover()
 
     def close(self) -> None:
         """Stop the helper thread (after the last C-STORE; a later C-STORE restarts it)."""
@@ -358,10 +357,16 @@ class StoreService:
                 source_ae_title=request.calling_ae,
             )
             try:
-                size = self.spool.write(relative, (meta, request.dataset))
+                staged = self.spool.stage(relative, (meta, request.dataset))
             except SpoolError as exc:
                 status = STATUS_DISK_FULL if exc.errno == errno.ENOSPC else STATUS_SPOOL_FAILED
                 return StoreResult(status, f"spool write failed: {exc.strerror}")
+            size = staged.size
+            with self._staged_lock:
+                previous = self._staged.pop(relative, None)
+                self._staged[relative] = staged
+            if previous is not None:  # the same instance arriving twice at once
+                self.spool.discard(previous)
             wrote = True
         else:
             size = self.spool.path(relative).stat().st_size

@@ -43,7 +43,7 @@ def test_spool_cleans_up_after_crash_and_failure(tmp_path: Path) -> None:
     spool.write(relative, [b"x"])
     stale = spool.path(relative).parent / ".1.2.3.9.dcm.abc.tmp"
     stale.write_bytes(b"half a file")
-    assert spool.remove_temp_files() == 1
+    assert spool.recover() == 1
     assert not stale.exists() and spool.path(relative).exists()
 
     blocked = spool.relative_path("1.2", "1.2.3", "1.2.3.5")
@@ -54,22 +54,33 @@ def test_spool_cleans_up_after_crash_and_failure(tmp_path: Path) -> None:
     assert leftovers == []
 
 
-def test_spool_recovery_completes_indexed_renames(tmp_path: Path) -> None:
+def test_spool_recovery_removes_every_unfinished_file(tmp_path: Path) -> None:
+    """Temporary files may be unflushed and were never acknowledged: none is trusted."""
     spool = Spool(tmp_path / "spool")
     kept = spool.relative_path("1.2", "1.2.3", "1.2.3.1")
-    lost_rename = spool.relative_path("1.2", "1.2.3", "1.2.3.2")
     never_acked = spool.relative_path("1.2", "1.2.3", "1.2.3.3")
     spool.write(kept, [b"complete"])
     folder = spool.path(kept).parent
     (folder / ".1.2.3.1.dcm.aaaa.tmp").write_bytes(b"older duplicate")
-    (folder / ".1.2.3.2.dcm.bbbb.tmp").write_bytes(b"fsynced, indexed, not renamed")
+    (folder / ".1.2.3.2.dcm.bbbb.tmp").write_bytes(b"indexed, maybe not flushed")
     (folder / ".1.2.3.3.dcm.cccc.tmp").write_bytes(b"half")
-    indexed = {kept, lost_rename}
-    assert spool.recover(indexed.__contains__) == (1, 2)
-    assert spool.path(lost_rename).read_bytes() == b"fsynced, indexed, not renamed"
+    assert spool.recover() == 3
     assert spool.path(kept).read_bytes() == b"complete"
     assert not spool.exists(never_acked)
-    assert sorted(spool.iter_files()) == sorted(indexed)
+    assert sorted(spool.iter_files()) == [kept]
+
+
+def test_staged_file_appears_only_when_finished(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    relative = spool.relative_path("1.2", "1.2.3", "1.2.3.1")
+    staged = spool.stage(relative, [b"ab", b"cd"])
+    assert not spool.exists(relative)
+    spool.finish([staged])
+    assert spool.path(relative).read_bytes() == b"abcd"
+    other = spool.stage(spool.relative_path("1.2", "1.2.3", "1.2.3.2"), [b"x"])
+    spool.discard(other)
+    assert spool.recover() == 0
+    assert sorted(spool.iter_files()) == [relative]
 
 
 def test_caller_policy() -> None:
