@@ -117,7 +117,14 @@ class SegmentationWorker:
     def _segment(self, paths: list[Path], revision: int) -> SegmentationResult:
         if self._segmenter is None:
             self._segmenter = self._make_segmenter()
-        series, refusals = read_series(paths)
+        present = [path for path in paths if path.exists()]
+        if len(present) < len(paths):
+            # Indexed but never acknowledged: the node died before the file was flushed
+            # and the sender has not resent it. Segment what was acknowledged.
+            LOGGER.warning("%d of %d instances of the series have no spool file; "
+                           "segmenting the %d that do", len(paths) - len(present), len(paths),
+                           len(present))
+        series, refusals = read_series(present)
         if refusals or len(series) != 1:
             reasons = "; ".join(str(refusal) for refusal in refusals) or "several series"
             raise InputError(f"spooled files are not one readable series: {reasons}")
