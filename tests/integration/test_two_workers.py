@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from db.session import make_engine
 from dicom_scp.receiver import StorageServer
 from dicom_scp.sender import AssociationError, echo, send_files
 from dicom_scp.spool import Spool
-from dicom_scp.store import ReceivedInstance
+from tests.dicom_scp.helpers import MemoryIndex
 from tests.postgres import PG_URL, temporary_schema
 
 pytestmark = pytest.mark.postgres
@@ -36,27 +34,6 @@ pytestmark = pytest.mark.postgres
 DAFNE_NODE = str(Path(sys.executable).with_name("dafne-node"))
 SERIES = 6
 NODE_PORT = 11790
-
-
-@dataclass(frozen=True)
-class _Indexed:
-    duplicate: bool
-    spool_path: str
-
-
-class MemoryIndex:
-    """The destination's index: remembers which SOP instances arrived, and how often."""
-
-    def __init__(self) -> None:
-        self.received: list[str] = []
-        self._lock = threading.Lock()
-
-    def index_batch(self, records: Sequence[ReceivedInstance]) -> list[_Indexed]:
-        with self._lock:
-            results = [_Indexed(r.sop_instance_uid in self.received, r.spool_path)
-                       for r in records]
-            self.received.extend(r.sop_instance_uid for r in records)
-            return results
 
 
 @pytest.fixture
@@ -77,7 +54,7 @@ def _done_jobs(engine: Engine) -> list[Job]:
 
 
 def test_two_workers_share_the_jobs(pg_schema: str, tmp_path: Path) -> None:
-    destination_index = MemoryIndex()
+    destination_index = MemoryIndex()  # counts every C-STORE, duplicates included
     destination = StorageServer(ae_title="PACS", host="127.0.0.1", port=0,
                                 spool=Spool(tmp_path / "pacs"), index=destination_index)
     destination.start()
@@ -131,8 +108,8 @@ def test_two_workers_share_the_jobs(pg_schema: str, tmp_path: Path) -> None:
     assert all(job.attempts == 1 for job in jobs)
     workers = {job.claimed_by for job in jobs}
     assert len(workers) == 2, (workers, logs[1].read_text()[-2000:])
-    assert len(destination_index.received) == SERIES
-    assert len(set(destination_index.received)) == SERIES
+    assert sum(destination_index.batches) == SERIES
+    assert len(destination_index.records) == SERIES
 
 
 def _wait_until_started(log: Path) -> None:
