@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.events import Event
 
@@ -111,6 +112,22 @@ def handle_requested(event: Event, policy: CallerPolicy) -> None:
 def _log_established(event: Event) -> None:
     calling_ae, address = _peer(event)
     LOGGER.info("Association from %s@%s established", calling_ae, address)
+    refused = sorted({
+        UID(context.abstract_syntax).name for context in event.assoc.rejected_contexts
+        if context.abstract_syntax
+    })
+    if not refused:
+        return
+    # The sender gets "no presentation context" for these and may not say why; the PACS
+    # administrator reading our log should see what was turned away. Senders often
+    # propose every storage class they know, so that is only worth a warning when
+    # nothing they proposed was accepted.
+    accepted = [context for context in event.assoc.accepted_contexts
+                if context.abstract_syntax != "1.2.840.10008.1.1"]
+    level = logging.INFO if accepted else logging.WARNING
+    shown = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
+    LOGGER.log(level, "Association from %s@%s: refused %s (not accepted by this node)",
+               calling_ae, address, shown)
 
 
 def _log_ended(event: Event) -> None:

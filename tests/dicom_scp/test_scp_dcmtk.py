@@ -144,13 +144,18 @@ def _rt_plan(folder: Path) -> Path:
     return path
 
 
-def test_unsupported_sop_class_has_no_context(scp: ServerFactory, tmp_path: Path) -> None:
+def test_unsupported_sop_class_has_no_context(
+    scp: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     server = scp()
-    result = dcmtk(
-        "storescu", "-aec", "DAFNE", "127.0.0.1", str(server.port), str(_rt_plan(tmp_path))
-    )
+    with caplog.at_level(logging.WARNING, logger="dicom_scp"):
+        result = dcmtk(  # -R: propose only what the file needs, as a focused sender does
+            "storescu", "-R", "-aec", "DAFNE", "127.0.0.1", str(server.port),
+            str(_rt_plan(tmp_path)),
+        )
     assert result.returncode != 0
-    assert "No presentation context" in result.stdout + result.stderr
+    assert "no acceptable presentation contexts" in (result.stdout + result.stderr).lower()
+    assert "refused RT Plan Storage (not accepted by this node)" in caplog.text
     assert _stored(server.spool.root) == []
 
 
