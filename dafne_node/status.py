@@ -25,7 +25,6 @@ from sqlalchemy.orm import Session
 
 from db.base import utcnow
 from db.node_models import (
-    Instance,
     Job,
     JobKind,
     JobState,
@@ -35,6 +34,7 @@ from db.node_models import (
     SeriesState,
     Study,
 )
+from db.repository import count_instances
 
 __all__ = [
     "DestinationOutbox",
@@ -129,11 +129,6 @@ class NodeStatus(BaseModel):
 
 
 # -- counts (shared with the Prometheus collector) ---------------------------------------
-
-
-def count_instances(session: Session) -> int:
-    """The number of instances indexed (each SOP Instance UID once)."""
-    return int(session.scalar(select(func.count()).select_from(Instance)) or 0)
 
 
 def count_series(session: Session) -> dict[str, int]:
