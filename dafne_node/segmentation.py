@@ -67,17 +67,20 @@ def manifest_labels(manifest: ModelManifest) -> tuple[Label, ...]:
     )
 
 
-def seg_uids(source_series_uid: str, manifest: ModelManifest, salt: str = "") -> tuple[str, str]:
+def seg_uids(source_series_uid: str, manifest: ModelManifest, revision: int = 0
+             ) -> tuple[str, str]:
     """Series and SOP Instance UIDs of the SEG for a source series and model.
 
     Derived, not random: segmenting the same series with the same model
-    generation again yields the same instance, so PACS stores it once.
-    ``salt`` distinguishes deliberate re-runs (e.g. a node job id).
+    generation again yields the same instance, so PACS stores it once. A new
+    revision of the source series (late instances) gets a new instance in the
+    *same* SEG series, so PACS shows one SEG series whose newest instance
+    supersedes the older ones instead of a second, competing series.
     """
-    sources = [source_series_uid, manifest.name, str(manifest.generation), salt]
+    series_sources = [source_series_uid, manifest.name, str(manifest.generation)]
     return (
-        generate_uid(entropy_srcs=[*sources, "series"]),
-        generate_uid(entropy_srcs=[*sources, "instance"]),
+        generate_uid(entropy_srcs=[*series_sources, "series"]),
+        generate_uid(entropy_srcs=[*series_sources, f"revision-{revision}", "instance"]),
     )
 
 
@@ -108,7 +111,7 @@ class SeriesSegmenter:
         return self.segmenter.precision
 
     def segment_series(
-        self, series: SeriesFiles, *, salt: str = "", series_number: int = 900
+        self, series: SeriesFiles, *, revision: int = 0, series_number: int = 900
     ) -> SegmentationResult:
         """Decode, segment and encode ``series``.
 
@@ -129,7 +132,7 @@ class SeriesSegmenter:
                 f"{series.paths[0]}: the model found none of its structures in "
                 f"{series.description}; is this a lower-leg MR series?"
             )
-        series_uid, sop_uid = seg_uids(series.series_instance_uid, self.manifest, salt)
+        series_uid, sop_uid = seg_uids(series.series_instance_uid, self.manifest, revision)
         seg = encode_segmentation(
             label_map,
             volume.sources,
@@ -138,6 +141,7 @@ class SeriesSegmenter:
             series_instance_uid=series_uid,
             sop_instance_uid=sop_uid,
             series_number=series_number,
+            instance_number=revision + 1,
         )
         encoded_at = time.perf_counter()
         return SegmentationResult(

@@ -128,7 +128,7 @@ class SegmentationWorker:
         if refusals or len(series) != 1:
             reasons = "; ".join(str(refusal) for refusal in refusals) or "several series"
             raise InputError(f"spooled files are not one readable series: {reasons}")
-        return self._segmenter.segment_series(series[0], salt=f"revision-{revision}")
+        return self._segmenter.segment_series(series[0], revision=revision)
 
     def _queue_delivery(self, job_id: int, result: SegmentationResult, seg_path: Path,
                         destinations: tuple[str, ...]) -> None:
@@ -217,7 +217,7 @@ def _supersede(session: Session, old_job_id: int, new_job_id: int) -> None:
         update(OutboxItem)
         .where(OutboxItem.job_id == old_job_id,
                OutboxItem.state.in_([OutboxState.PENDING, OutboxState.FAILED]))
-        .values(state=OutboxState.FAILED, last_error=reason)
+        .values(state=OutboxState.CANCELLED, last_error=reason)
     ).rowcount
     if old.state not in (JobState.DONE, JobState.FAILED):
         old.state = JobState.SKIPPED

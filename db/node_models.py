@@ -92,6 +92,8 @@ class OutboxState(StrEnum):
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+    """Not sent because a newer SEG of the same series replaced it."""
 
 
 def _str_enum(enum: type[StrEnum]) -> Enum:

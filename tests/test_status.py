@@ -188,7 +188,8 @@ def test_empty_database(factory: sessionmaker[Session]) -> None:
     assert status.jobs == dict.fromkeys(["queued", "running", "sending", "done", "failed",
                                          "skipped"], 0)
     assert status.series == {"receiving": 0, "complete": 0, "skipped": 0}
-    assert status.outbox.states == {"pending": 0, "sending": 0, "sent": 0, "failed": 0}
+    assert status.outbox.states == {"pending": 0, "sending": 0, "sent": 0, "failed": 0,
+                                    "cancelled": 0}
     assert status.outbox.destinations == []
     assert status.model.name == "dafne-leg"
     assert status.model.generation == 3
@@ -212,7 +213,8 @@ def test_populated_database(factory: sessionmaker[Session]) -> None:
     assert status.jobs_by_kind["segment"]["failed"] == 2
     assert status.jobs_by_kind["train"]["queued"] == 1
     assert sum(status.jobs_by_kind["sync"].values()) == 0
-    assert status.outbox.states == {"pending": 2, "sending": 0, "sent": 1, "failed": 1}
+    assert status.outbox.states == {"pending": 2, "sending": 0, "sent": 1, "failed": 1,
+                                    "cancelled": 0}
     assert status.last_received_at == NOW - timedelta(seconds=30)
 
     pacs, archive = status.outbox.destinations

@@ -60,6 +60,7 @@ def encode_segmentation(
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int = 900,
+    instance_number: int = 1,
     series_description: str | None = None,
 ) -> hd.seg.Segmentation:
     """Build a BINARY DICOM-SEG of ``label_map`` over ``sources``.
@@ -84,6 +85,8 @@ def encode_segmentation(
         produces the very same instance (idempotent delivery to PACS).
     series_number:
         Series Number shown in PACS; high by convention for derived objects.
+    instance_number:
+        Instance Number; a newer SEG of the same series has a higher one.
     series_description:
         Overrides the default ``"<model name> <generation>"``.
 
@@ -146,7 +149,7 @@ def encode_segmentation(
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=algorithm.name,
         software_versions=__version__,

@@ -17,7 +17,7 @@ from dafne_node.segmentation import SeriesSegmenter
 from dafne_node.worker import SegmentationWorker
 from db.base import utcnow
 from db.migrate import upgrade
-from db.node_models import Job, JobState, OutboxItem
+from db.node_models import Job, JobState, OutboxItem, Series, SeriesState
 from db.repository import index_instances
 from db.session import make_engine, make_session_factory
 from dicom_scp.store import ReceivedInstance
@@ -98,3 +98,31 @@ def test_missing_spool_files_are_left_out_not_fatal(
     assert done is not None
     referenced = dcmread(done.seg_path).ReferencedSeriesSequence[0].ReferencedInstanceSequence
     assert len(referenced) == 11  # the 12-slice series less the lost file
+
+
+def test_a_new_revision_supersedes_the_seg_in_the_same_series(
+    node: tuple[NodeConfig, sessionmaker[Session]], segmenter: SeriesSegmenter,
+) -> None:
+    config, sessions = node
+    worker = SegmentationWorker(sessions, config, lambda: segmenter, "w1")
+    first = worker.run_once()
+    assert first is not None
+    # A late instance reopened the series (the index does this): revision 1, quiet again.
+    with sessions() as session, session.begin():
+        session.execute(update(Series).values(
+            state=SeriesState.RECEIVING, revision=1,
+            last_received_at=utcnow() - timedelta(minutes=1)))
+    SeriesAssembler(sessions, config).run_once()
+    second = worker.run_once()
+    assert second is not None
+    old, new = dcmread(first.seg_path), dcmread(second.seg_path)
+    assert new.SeriesInstanceUID == old.SeriesInstanceUID
+    assert new.SOPInstanceUID != old.SOPInstanceUID
+    assert (int(old.InstanceNumber), int(new.InstanceNumber)) == (1, 2)
+    with sessions() as session:
+        jobs = {job.id: job for job in session.scalars(select(Job))}
+        items = session.scalars(select(OutboxItem)).all()
+    assert jobs[first.job_id].state == JobState.SKIPPED
+    assert "superseded" in (jobs[first.job_id].error or "")
+    assert [item.state.value for item in items if item.job_id == first.job_id] == ["cancelled"]
+    assert [item.state.value for item in items if item.job_id == second.job_id] == ["pending"]
