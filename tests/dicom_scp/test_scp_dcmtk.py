@@ -153,6 +153,10 @@ def test_unsupported_sop_class_has_no_context(
             "storescu", "-R", "-aec", "DAFNE", "127.0.0.1", str(server.port),
             str(_rt_plan(tmp_path)),
         )
+        # logged on the association's thread, which may finish after storescu exits
+        deadline = time.monotonic() + 5
+        while "refused RT Plan" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert result.returncode != 0
     assert "no acceptable presentation contexts" in (result.stdout + result.stderr).lower()
     assert "refused RT Plan Storage (not accepted by this node)" in caplog.text
