@@ -560,9 +560,13 @@ def run_model_show(args: argparse.Namespace) -> int:
     print(f"Network  {manifest.architecture.id} {manifest.architecture.params}")
     print(f"Weights  sha256 {manifest.weights.sha256} (verified)")
     print("Labels   " + ", ".join(f"{spec.value}={spec.name}" for spec in manifest.labels))
-    if manifest.training:
-        for key, value in manifest.training.items():
-            print(f"  {key}: {value}")
+    training = manifest.training or {}
+    if "data" in training:
+        print(f"Trained  on {training['data']}, site {training.get('train_site', '?')}")
+    for site, scores in sorted(training.get("heldout_dice", {}).items()):
+        per_label = ", ".join(f"{key} {value:.3f}"
+                              for key, value in scores.get("per_label", {}).items())
+        print(f"Dice {site}   mean {scores['mean_dice']:.3f} (held-out phantoms: {per_label})")
     return EXIT_OK
 
 

@@ -145,3 +145,12 @@ def test_missing_input_is_one_clear_line(tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert err == [f"dafne-node segment: {tmp_path / 'nope'}: no such file or folder"]
+
+
+def test_model_show_verifies_and_reports_dice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "Dafne leg, generation 1" in out and "(verified)" in out
+    dice_a = next(line for line in out.splitlines() if line.startswith("Dice A"))
+    assert float(dice_a.split()[3]) >= 0.90
+    assert all(f"Dice {site}" in out for site in "BCD")
