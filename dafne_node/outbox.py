@@ -11,11 +11,11 @@ fails with the reason, and ``dafne-node jobs retry`` puts it back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import NodeConfig
@@ -152,15 +152,21 @@ def settle_job(session: Session, job_id: int) -> None:
     job.finished_at = utcnow()
 
 
-def requeue_interrupted_sends(session: Session, *, claimed_before: datetime) -> int:
+def requeue_interrupted_sends(
+    session: Session, *, claimed_before: datetime, dead_workers: Collection[str] = ()
+) -> int:
     """Make items that were being sent when a process died due again; return how many.
 
-    The peer may have stored the file already; sending it again is harmless
-    because the SOP Instance UID is the same and PACS keeps one copy.
+    An item counts as interrupted when it was claimed before ``claimed_before`` or by one
+    of ``dead_workers``. The peer may have stored the file already; sending it again is
+    harmless because the SOP Instance UID is the same and PACS keeps one copy.
     """
+    interrupted = OutboxItem.claimed_at < claimed_before
+    if dead_workers:
+        interrupted = or_(interrupted, OutboxItem.claimed_by.in_(list(dead_workers)))
     result = session.execute(
         update(OutboxItem)
-        .where(OutboxItem.state == OutboxState.SENDING, OutboxItem.claimed_at < claimed_before)
+        .where(OutboxItem.state == OutboxState.SENDING, interrupted)
         .values(state=OutboxState.PENDING, claimed_by=None, next_attempt_at=utcnow())
         .execution_options(synchronize_session=False)
     )

@@ -35,7 +35,7 @@ from dafne_node.worker import SegmentationWorker
 from db.base import utcnow
 from db.jobs import requeue_stale_jobs
 from db.migrate import upgrade
-from db.node_models import Job, JobState, OutboxItem, OutboxState, Series, SeriesState
+from db.node_models import Job, JobState, OutboxItem, Series, SeriesState
 from db.repository import SqlInstanceIndex
 from db.session import make_engine, make_session_factory
 from dicom_scp.policy import AllowedCaller, CallerPolicy, DiskWatermark
@@ -145,8 +145,7 @@ class Node:
             self.storage = self._storage_server()
             self.storage.start()
         assembler = SeriesAssembler(self.sessions, self.config)
-        worker = SegmentationWorker(self.sessions, self.config, lambda: self.segmenter,
-                                    self.worker_id)
+        worker = SegmentationWorker(self.sessions, self.config, self.segmenter, self.worker_id)
         outbox = OutboxSender(self.sessions, self.config, self.worker_id)
         sending = _Loop("outbox", outbox.run_once, 0.5, self._stop)
         segmenting = _Loop("segmentation-worker", worker.run_once, 0.5, self._stop,
@@ -195,23 +194,17 @@ class Node:
     def _recover(self) -> None:
         """Take back the work of dead processes on this host before starting."""
         dead = _dead_local_claims(self.sessions, self.config)
+        now = utcnow()
         with self.sessions() as session, session.begin():
-            jobs = session.execute(
-                update(Job).where(Job.state == JobState.RUNNING, Job.claimed_by.in_(dead))
-                .values(state=JobState.QUEUED, claimed_by=None, claimed_at=None)
-                .execution_options(synchronize_session=False)
-            ).rowcount if dead else 0
-            sends = session.execute(
-                update(OutboxItem)
-                .where(OutboxItem.state == OutboxState.SENDING, OutboxItem.claimed_by.in_(dead))
-                .values(state=OutboxState.PENDING, claimed_by=None, next_attempt_at=utcnow())
-                .execution_options(synchronize_session=False)
-            ).rowcount if dead else 0
+            jobs = requeue_stale_jobs(session, stale_after=STALE_AFTER, dead_workers=dead,
+                                      now=now)
+            sends = requeue_interrupted_sends(session, claimed_before=now - SEND_STALE_AFTER,
+                                              dead_workers=dead)
             # Series still receiving were interrupted mid-push: the sender will resend the
             # rest, so their quiet period starts again now rather than at the crash.
             reopened = session.execute(
                 update(Series).where(Series.state == SeriesState.RECEIVING)
-                .values(last_received_at=utcnow())
+                .values(last_received_at=now)
                 .execution_options(synchronize_session=False)
             ).rowcount
         if jobs or sends or reopened:

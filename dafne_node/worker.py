@@ -9,7 +9,6 @@ per SOP Instance UID and destination) sends it once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +20,7 @@ from dafne_node.config import ConfigError, NodeConfig
 from dafne_node.dicomio import save_dataset_atomically
 from dafne_node.segmentation import SegmentationResult, SeriesSegmenter
 from dafne_node.volume import InputError, read_series
-from db.base import utcnow
+from db.base import dialect_insert, utcnow
 from db.jobs import claim_next_job
 from db.node_models import Instance, Job, JobKind, JobState, OutboxItem, OutboxState, Series
 
@@ -53,7 +52,7 @@ class SegmentationWorker:
     config:
         Destinations, data directory and spool location.
     segmenter:
-        Called once, lazily, so a worker that never gets a job never loads torch.
+        The loaded model, shared with the rest of the process.
     worker_id:
         Recorded in ``jobs.claimed_by``; unique per process (host:pid).
     """
@@ -62,13 +61,12 @@ class SegmentationWorker:
         self,
         session_factory: sessionmaker[Session],
         config: NodeConfig,
-        segmenter: Callable[[], SeriesSegmenter],
+        segmenter: SeriesSegmenter,
         worker_id: str,
     ) -> None:
         self._sessions = session_factory
         self._config = config
-        self._make_segmenter = segmenter
-        self._segmenter: SeriesSegmenter | None = None
+        self._segmenter = segmenter
         self.worker_id = worker_id
 
     @property
@@ -115,8 +113,6 @@ class SegmentationWorker:
         return SegmentedJob(job_id, seg_path, result.seg.SOPInstanceUID, destinations)
 
     def _segment(self, paths: list[Path], revision: int) -> SegmentationResult:
-        if self._segmenter is None:
-            self._segmenter = self._make_segmenter()
         present = [path for path in paths if path.exists()]
         if len(present) < len(paths):
             # Indexed but never acknowledged: the node died before the file was flushed
@@ -157,16 +153,18 @@ class SegmentationWorker:
                 "volumes_ml": {s.label.key: round(s.millilitres, 2) for s in result.structures},
                 "timings_s": {key: round(value, 3) for key, value in result.timings.items()},
             }
-            for target in targets:
-                exists = session.scalar(select(OutboxItem.id).where(
-                    OutboxItem.sop_instance_uid == sop_uid, OutboxItem.ae_title == target.ae_title,
-                    OutboxItem.host == target.host, OutboxItem.port == target.port))
-                if exists is None:
-                    session.add(OutboxItem(
-                        job_id=job_id, destination=target.name, ae_title=target.ae_title,
-                        host=target.host, port=target.port, path=str(seg_path),
-                        sop_instance_uid=sop_uid, sop_class_uid=result.seg.SOPClassUID,
-                    ))
+            now = utcnow()
+            for target in targets:  # a re-run after a crash queues nothing twice
+                session.execute(
+                    dialect_insert(session, OutboxItem)
+                    .values(job_id=job_id, destination=target.name, ae_title=target.ae_title,
+                            host=target.host, port=target.port, path=str(seg_path),
+                            sop_instance_uid=sop_uid, sop_class_uid=result.seg.SOPClassUID,
+                            state=OutboxState.PENDING, attempts=0, next_attempt_at=now,
+                            created_at=now, updated_at=now)
+                    .on_conflict_do_nothing(
+                        index_elements=["sop_instance_uid", "ae_title", "host", "port"])
+                )
             if targets:
                 job.state = JobState.SENDING
             else:

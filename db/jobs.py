@@ -19,7 +19,7 @@ the statement is atomic; the ``state='queued'`` re-check keeps it correct either
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -147,12 +147,18 @@ def heartbeat(session: Session, job_id: int, worker_id: str) -> bool:
 
 
 def requeue_stale_jobs(
-    session: Session, *, stale_after: timedelta, now: datetime | None = None
+    session: Session,
+    *,
+    stale_after: timedelta,
+    dead_workers: Collection[str] = (),
+    now: datetime | None = None,
 ) -> int:
     """Put ``running`` jobs whose worker stopped heart-beating back in the queue.
 
     This is how a node killed mid-job resumes: at start (and periodically) the jobs of
-    dead workers become ``queued`` again. Jobs in ``sending`` are left to the outbox.
+    dead workers become ``queued`` again. ``dead_workers`` names workers known to be gone
+    (a restarting node knows its own dead processes), whose jobs are requeued at once
+    rather than after ``stale_after``. Jobs in ``sending`` are left to the outbox.
 
     Returns
     -------
@@ -160,12 +166,12 @@ def requeue_stale_jobs(
         How many jobs were requeued.
     """
     now = now or utcnow()
+    stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < now - stale_after)
+    if dead_workers:
+        stale = or_(stale, Job.claimed_by.in_(list(dead_workers)))
     result = session.execute(
         update(Job)
-        .where(
-            Job.state == JobState.RUNNING.value,
-            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < now - stale_after),
-        )
+        .where(Job.state == JobState.RUNNING.value, stale)
         .values(state=JobState.QUEUED.value, claimed_by=None, claimed_at=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )

@@ -19,17 +19,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, evt
+from pynetdicom._globals import DEFAULT_MAX_LENGTH
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_scp.ae import (
-    DAFNE_IMPLEMENTATION_UID,
-    DAFNE_IMPLEMENTATION_VERSION,
-    requested_contexts,
-    set_nodelay,
-)
+from dicom_scp.ae import build_ae, requested_contexts, set_nodelay
 
 __all__ = [
     "AssociationError",
@@ -102,14 +98,9 @@ def _nodelay(event: Event) -> None:
 
 
 def _make_ae(calling_ae: str, timeout: float) -> AE:
-    ae = AE(ae_title=calling_ae)
-    ae.implementation_class_uid = DAFNE_IMPLEMENTATION_UID
-    ae.implementation_version_name = DAFNE_IMPLEMENTATION_VERSION
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    return ae
+    # As SCU the node only receives responses: pynetdicom's default PDU size is plenty.
+    return build_ae(calling_ae, max_pdu=DEFAULT_MAX_LENGTH, acse_timeout=timeout,
+                    dimse_timeout=timeout, network_timeout=timeout, connection_timeout=timeout)
 
 
 def _associate(

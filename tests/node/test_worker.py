@@ -63,7 +63,7 @@ def test_job_writes_one_seg_and_queues_its_delivery(
     small_study: WrittenStudy,
 ) -> None:
     config, sessions = node
-    worker = SegmentationWorker(sessions, config, lambda: segmenter, "w1")
+    worker = SegmentationWorker(sessions, config, segmenter, "w1")
     done = worker.run_once()
     assert done is not None and done.seg_path.exists()
     seg = dcmread(done.seg_path)
@@ -94,7 +94,7 @@ def test_missing_spool_files_are_left_out_not_fatal(
     config, sessions = node
     lost = sorted(config.spool_dir.rglob("*.dcm"))[0]
     lost.unlink()
-    done = SegmentationWorker(sessions, config, lambda: segmenter, "w1").run_once()
+    done = SegmentationWorker(sessions, config, segmenter, "w1").run_once()
     assert done is not None
     referenced = dcmread(done.seg_path).ReferencedSeriesSequence[0].ReferencedInstanceSequence
     assert len(referenced) == 11  # the 12-slice series less the lost file
@@ -104,7 +104,7 @@ def test_a_new_revision_supersedes_the_seg_in_the_same_series(
     node: tuple[NodeConfig, sessionmaker[Session]], segmenter: SeriesSegmenter,
 ) -> None:
     config, sessions = node
-    worker = SegmentationWorker(sessions, config, lambda: segmenter, "w1")
+    worker = SegmentationWorker(sessions, config, segmenter, "w1")
     first = worker.run_once()
     assert first is not None
     # A late instance reopened the series (the index does this): revision 1, quiet again.
