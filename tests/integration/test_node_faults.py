@@ -154,8 +154,10 @@ def test_node_killed_during_push_loses_nothing(push_kill: PushKillRun) -> None:
     assert result["partial_series_at_kill"] >= 1, result
     # Acknowledged means stored: every success storescu saw is indexed with its file on disk,
     # read from the database the dead node left behind (before any restart touched it).
+    # storescu sends one instance at a time on its one association, so at the kill at most
+    # one instance can be indexed without its success having reached storescu yet.
     acked = result["acked_before_kill"]
-    assert len(acked) >= 50, result
+    assert len(acked) >= result["indexed_after_kill"] - 1, result
     assert set(acked) <= set(result["indexed_sops_after_kill"]), result
     assert result["acked_missing_spool_files"] == [], result
 
