@@ -243,7 +243,7 @@ def test_sender_errors_without_association(scp: ServerFactory) -> None:
 
 def test_stop_waits_for_running_associations(scp: ServerFactory, tmp_path: Path) -> None:
     server = scp()
-    files = make_mr(tmp_path / "many", 40)
+    files = make_mr(tmp_path / "many", 200)  # long enough a push to catch it running
     sender = subprocess.Popen(
         ["/usr/bin/storescu", "-aec", "DAFNE", "127.0.0.1", str(server.port), *map(str, files)],
         stdout=subprocess.DEVNULL,
@@ -255,6 +255,6 @@ def test_stop_waits_for_running_associations(scp: ServerFactory, tmp_path: Path)
     assert server.active_associations() == 1
     server.stop(timeout=20)
     assert sender.wait(20) == 0  # the running association finished normally
-    assert len(_stored(server.spool.root)) == 40
+    assert len(_stored(server.spool.root)) == 200
     refused = dcmtk("echoscu", "-aec", "DAFNE", "127.0.0.1", str(server.port), timeout=10)
     assert refused.returncode != 0

@@ -147,16 +147,17 @@ def test_group_commit_shares_batches_and_isolates_failures() -> None:
 
 
 def test_group_commit_timeout() -> None:
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def slow(items: list[int]) -> list[int]:
+        entered.set()
         release.wait(5)
         return items
 
     committer: GroupCommitter[int, int] = GroupCommitter(slow)
     leader = threading.Thread(target=committer.commit, args=(1,))
     leader.start()
-    time.sleep(0.05)
+    assert entered.wait(5)  # the leader's commit is running, so the next one has to queue
     with pytest.raises(CommitTimeoutError):
         committer.commit(2, timeout=0.1)
     release.set()
