@@ -4,8 +4,10 @@ PACS is sometimes down (maintenance, network); a SEG must arrive once it is
 back, without anybody resending by hand. Each file and destination is a row
 (``db.node_models.OutboxItem``): claimed, sent over one association per batch,
 then marked sent or rescheduled after ``backoff_initial_s * 2**(attempts-1)``
-(capped at ``backoff_max_s``). After ``max_attempts`` the item fails, its job
-fails with the reason, and ``dafne-node jobs retry`` puts it back.
+(capped at ``backoff_max_s``). After ``max_attempts``, or at once when the peer
+refuses the file in a way a resend cannot change (:attr:`SendResult.permanent`),
+the item fails, its job fails with the reason, and ``dafne-node jobs retry`` puts
+it back.
 """
 
 from __future__ import annotations
@@ -105,7 +107,12 @@ class OutboxSender:
                 else:
                     item.last_status = result.status if result is not None else None
                     item.last_error = (result.error if result is not None else None) or failure
-                    if item.attempts >= settings.max_attempts:
+                    if result is not None and result.permanent:
+                        item.state = OutboxState.FAILED
+                        LOGGER.error("%s refused %s for good (status 0x%04X): %s",
+                                     item.ae_title, item.sop_instance_uid, result.status,
+                                     item.last_error, extra={"job_id": item.job_id})
+                    elif item.attempts >= settings.max_attempts:
                         item.state = OutboxState.FAILED
                         LOGGER.error("giving up on %s to %s after %d attempts: %s",
                                      item.sop_instance_uid, item.ae_title, item.attempts,

@@ -39,6 +39,7 @@ __all__ = [
 LOGGER = logging.getLogger(__name__)
 
 _SUCCESS_OR_WARNING = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+_SOP_CLASS_NOT_SUPPORTED = 0x0122
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
 
 
@@ -90,6 +91,22 @@ class SendResult:
     def ok(self) -> bool:
         """True if the peer stored it (success or a warning status)."""
         return self.status in _SUCCESS_OR_WARNING
+
+    @property
+    def permanent(self) -> bool:
+        """True if the peer refused this file in a way that resending it cannot change.
+
+        Those are "SOP Class not supported" (0x0122), "Data Set does not match SOP Class"
+        (0xA9xx) and "Cannot understand" (0xCxxx): the same bytes get the same answer, so
+        the file is given up at once, visibly, instead of after hours of back-off. "Out of
+        resources" (0xA7xx), processing failures (0x0110) and lost associations stay
+        transient: PACS may recover from them by itself.
+        """
+        status = self.status
+        if status is None:
+            return False
+        return (status == _SOP_CLASS_NOT_SUPPORTED or 0xA900 <= status <= 0xA9FF
+                or 0xC000 <= status <= 0xCFFF)
 
 
 def _nodelay(event: Event) -> None:

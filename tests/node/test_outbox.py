@@ -98,3 +98,29 @@ def test_failed_delivery_backs_off_fails_visibly_and_is_retried_by_command(
     assert (item.state, job.state) == (OutboxState.SENT, JobState.DONE)
     assert main(["jobs", "retry", str(job.id), "--data-dir", str(config.node.data_dir)]) == 1
     assert "only failed jobs can be retried" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("status", "permanent"), [
+    (0xA900, True),   # Data Set does not match SOP Class
+    (0xC000, True),   # Cannot understand
+    (0x0122, True),   # SOP Class not supported
+    (0xA700, False),  # Out of resources: PACS may free space
+    (0x0110, False),  # Processing failure
+])
+def test_refusal_a_resend_cannot_change_fails_at_once(
+    node: tuple[NodeConfig, sessionmaker[Session]], status: int, permanent: bool
+) -> None:
+    config, sessions = node
+
+    def refusing_pacs(paths: list[Path], destination: Destination, *, calling_ae: str
+                      ) -> list[SendResult]:
+        return [SendResult(path, "1.2.3.9", status, "refused by test PACS") for path in paths]
+
+    assert OutboxSender(sessions, config, "test-worker", send=refusing_pacs).run_once() == 1
+    item, job = item_and_job(sessions)
+    assert item.attempts == 1 and item.last_status == status
+    if permanent:
+        assert (item.state, job.state) == (OutboxState.FAILED, JobState.FAILED)
+        assert "refused by test PACS" in (job.error or "")
+    else:
+        assert (item.state, job.state) == (OutboxState.PENDING, JobState.SENDING)
