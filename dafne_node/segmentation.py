@@ -100,7 +100,7 @@ class SeriesSegmenter:
         loaded: LoadedModel = load_model_dir(model_dir or default_model_dir())
         self.manifest = loaded.manifest
         self.labels = manifest_labels(loaded.manifest)
-        self.segmenter = Segmenter(loaded, precision=precision)
+        self.segmenter = Segmenter.from_loaded(loaded, precision=precision)
         self.algorithm = SegmentationAlgorithm(
             name=loaded.manifest.name, version=f"g{loaded.manifest.generation}"
         )

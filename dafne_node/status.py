@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from enum import StrEnum
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
@@ -131,13 +132,17 @@ class NodeStatus(BaseModel):
 # -- counts (shared with the Prometheus collector) ---------------------------------------
 
 
+def _count_by_state(session: Session, column: Any, states: type[StrEnum]) -> dict[str, int]:
+    """Rows by ``column``; every member of ``states`` is present, with 0 if none."""
+    counts = {state.value: 0 for state in states}
+    for state, count in session.execute(select(column, func.count()).group_by(column)):
+        counts[states(state).value] = int(count)
+    return counts
+
+
 def count_series(session: Session) -> dict[str, int]:
     """Series by state; every :class:`SeriesState` is present, with 0 if none."""
-    counts = {state.value: 0 for state in SeriesState}
-    rows = session.execute(select(Series.state, func.count()).group_by(Series.state))
-    for state, count in rows:
-        counts[SeriesState(state).value] = int(count)
-    return counts
+    return _count_by_state(session, Series.state, SeriesState)
 
 
 def count_jobs(session: Session) -> dict[str, dict[str, int]]:
@@ -157,11 +162,7 @@ def count_jobs(session: Session) -> dict[str, dict[str, int]]:
 
 def count_outbox(session: Session) -> dict[str, int]:
     """Outbox items by state; every :class:`OutboxState` is present, with 0 if none."""
-    counts = {state.value: 0 for state in OutboxState}
-    rows = session.execute(select(OutboxItem.state, func.count()).group_by(OutboxItem.state))
-    for state, count in rows:
-        counts[OutboxState(state).value] = int(count)
-    return counts
+    return _count_by_state(session, OutboxItem.state, OutboxState)
 
 
 class _DestinationKey(NamedTuple):

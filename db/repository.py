@@ -208,12 +208,8 @@ def _study_ids(cursor: Any, sql: _Sql, records: Sequence[InstanceRecord]) -> dic
                 now,
                 now,
             )
-    cursor.execute(
-        sql.insert("studies", _STUDY_COLUMNS, len(rows), "study_instance_uid"),
-        [value for row in rows.values() for value in row],
-    )
-    cursor.execute(sql.lookup("studies", "study_instance_uid", "id", len(rows)), list(rows))
-    return {uid: id_ for uid, id_ in cursor.fetchall()}
+    return _insert_and_look_up(cursor, sql, "studies", rows, columns=_STUDY_COLUMNS,
+                               key="study_instance_uid")
 
 
 def _series_ids(
@@ -244,11 +240,22 @@ def _series_ids(
                 received,
                 received,
             )
+    return _insert_and_look_up(cursor, sql, "series", rows, columns=_SERIES_COLUMNS,
+                               key="series_instance_uid")
+
+
+def _insert_and_look_up(cursor: Any, sql: _Sql, table: str, rows: dict[str, tuple[Any, ...]],
+                        *, columns: Sequence[str], key: str) -> dict[str, int]:
+    """Insert the rows whose ``key`` is new (one statement), then return every key's id.
+
+    Rows already present are left as they are (``ON CONFLICT DO NOTHING``), so concurrent
+    receivers of the same study or series end up with one row and the same id.
+    """
     cursor.execute(
-        sql.insert("series", _SERIES_COLUMNS, len(rows), "series_instance_uid"),
+        sql.insert(table, columns, len(rows), key),
         [value for row in rows.values() for value in row],
     )
-    cursor.execute(sql.lookup("series", "series_instance_uid", "id", len(rows)), list(rows))
+    cursor.execute(sql.lookup(table, key, "id", len(rows)), list(rows))
     return {uid: id_ for uid, id_ in cursor.fetchall()}
 
 

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Generic, Protocol, TypeVar
 
@@ -67,32 +67,23 @@ STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_BAD_DATASET = 0xC000
 
 
-@dataclass(frozen=True, slots=True)
-class ReceivedInstance:
-    """What the index records about one received, durably spooled instance."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceivedInstance(InstanceHeader):
+    """What the index records about one received, durably spooled instance.
 
-    sop_instance_uid: str
-    sop_class_uid: str
+    Its header, plus how and where it arrived.
+    """
+
     transfer_syntax_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
     spool_path: str
     size_bytes: int
     received_at: datetime
     calling_ae: str
     called_ae: str | None = None
     peer_address: str | None = None
-    modality: str | None = None
-    body_part_examined: str | None = None
-    series_description: str | None = None
-    study_description: str | None = None
-    image_type: str | None = None
-    series_number: int | None = None
-    instance_number: int | None = None
-    number_of_frames: int | None = None
-    patient_id: str | None = None
-    study_date: str | None = None
-    accession_number: str | None = None
+
+
+_HEADER_FIELDS = tuple(field.name for field in fields(InstanceHeader))
 
 
 class IndexResult(Protocol):
@@ -399,26 +390,12 @@ def _record(
     request: StoreRequest, header: InstanceHeader, relative: str, size: int
 ) -> ReceivedInstance:
     return ReceivedInstance(
-        sop_instance_uid=header.sop_instance_uid,
-        sop_class_uid=header.sop_class_uid,
+        **{name: getattr(header, name) for name in _HEADER_FIELDS},
         transfer_syntax_uid=request.transfer_syntax_uid,
-        study_instance_uid=header.study_instance_uid,
-        series_instance_uid=header.series_instance_uid,
         spool_path=relative,
         size_bytes=size,
         received_at=datetime.now(UTC),
         calling_ae=request.calling_ae,
         called_ae=request.called_ae,
         peer_address=request.peer_address,
-        modality=header.modality,
-        body_part_examined=header.body_part_examined,
-        series_description=header.series_description,
-        study_description=header.study_description,
-        image_type=header.image_type,
-        series_number=header.series_number,
-        instance_number=header.instance_number,
-        number_of_frames=header.number_of_frames,
-        patient_id=header.patient_id,
-        study_date=header.study_date,
-        accession_number=header.accession_number,
     )

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -77,9 +77,13 @@ class Segmenter:
 
     Parameters
     ----------
-    loaded:
-        A verified model directory (:func:`dafne_node.ml.manifest.load_model_dir`). The
-        segmenter works on its own copy of the module.
+    model:
+        The network; the segmenter works on its own copy of it.
+    preprocessing:
+        What the network expects as input (spacing, shape, normalisation).
+    manifest:
+        The model's manifest, when it comes from a model directory (see
+        :meth:`from_loaded`); ``None`` for a module being trained.
     precision:
         ``"auto"`` (bf16 where :func:`bf16_supported`, else fp32), ``"bf16"`` or ``"fp32"``.
     num_threads:
@@ -92,40 +96,17 @@ class Segmenter:
 
     def __init__(
         self,
-        loaded: LoadedModel,
+        model: nn.Module,
+        preprocessing: PreprocessConfig,
         *,
+        manifest: ModelManifest | None = None,
         precision: Precision = "auto",
         num_threads: int | None = None,
         memory_budget_mb: int = 1024,
         max_batch_size: int = 16,
     ) -> None:
-        self.manifest: ModelManifest | None = loaded.manifest
-        self._setup(loaded.model, loaded.preprocessing, precision=precision,
-                    num_threads=num_threads, memory_budget_mb=memory_budget_mb,
-                    max_batch_size=max_batch_size)
-
-    @classmethod
-    def from_module(
-        cls,
-        model: nn.Module,
-        preprocessing: PreprocessConfig,
-        *,
-        precision: Precision = "auto",
-        num_threads: int | None = None,
-        memory_budget_mb: int = 1024,
-        max_batch_size: int = 16,
-    ) -> Segmenter:
-        """Segmenter for a module that has no model directory yet (during training)."""
-        self = cls.__new__(cls)
-        self.manifest = None
-        self._setup(model, preprocessing, precision=precision, num_threads=num_threads,
-                    memory_budget_mb=memory_budget_mb, max_batch_size=max_batch_size)
-        return self
-
-    def _setup(self, model: nn.Module, preprocessing: PreprocessConfig, *,
-               precision: Precision, num_threads: int | None, memory_budget_mb: int,
-               max_batch_size: int) -> None:
         params = getattr(model, "architecture_params", {})
+        self.manifest = manifest
         self.config = preprocessing
         self.num_classes = int(params.get("num_classes", 7))
         self._precision = resolve_precision(precision)
@@ -142,6 +123,15 @@ class Segmenter:
         self.batch_size = int(max(1, min(max_batch_size, memory_budget_mb * 2**20 // per_slice)))
         LOGGER.info("segmenter: %s, %d threads, batch %d", self._precision, threads,
                     self.batch_size)
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel, **options: Any) -> Segmenter:
+        """Segmenter for a verified model directory.
+
+        ``loaded`` comes from :func:`dafne_node.ml.manifest.load_model_dir`; ``options`` are
+        the class's keyword parameters.
+        """
+        return cls(loaded.model, loaded.preprocessing, manifest=loaded.manifest, **options)
 
     @property
     def precision(self) -> Literal["bf16", "fp32"]:

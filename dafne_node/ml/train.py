@@ -453,7 +453,7 @@ def build_default_model(
     model.to("cpu")
     del examples
 
-    segmenter = Segmenter.from_module(model, DEFAULT_PREPROCESSING)
+    segmenter = Segmenter(model, DEFAULT_PREPROCESSING)
     evaluation: dict[str, Any] = {}
     for site in ("A", *eval_sites):
         result = evaluate(segmenter, _phantom_examples(site, val_seeds, slices))

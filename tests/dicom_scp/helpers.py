@@ -21,15 +21,19 @@ DCMTK_TIMEOUT = 30
 
 
 def dcmtk(
-    tool: str, *args: str, timeout: float = DCMTK_TIMEOUT
+    tool: str, *args: str, timeout: float = DCMTK_TIMEOUT, nodelay: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run a dcmtk tool (with TCP_NODELAY, as the node's peers should)."""
+    """Run a dcmtk tool, with TCP_NODELAY as the node's peers should unless ``nodelay`` is
+    False (Nagle on, as most modalities leave it)."""
     path = f"/usr/bin/{tool}"
     if not os.path.exists(path):
         pytest.skip(f"{path} not installed")
+    environment = {key: value for key, value in os.environ.items() if key != "TCP_NODELAY"}
+    if nodelay:
+        environment["TCP_NODELAY"] = "1"
     return subprocess.run(
         [path, *args],
-        env=dict(os.environ, TCP_NODELAY="1"),
+        env=environment,
         capture_output=True,
         text=True,
         timeout=timeout,

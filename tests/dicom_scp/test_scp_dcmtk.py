@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -70,17 +69,9 @@ def test_storescu_lands_in_spool_and_index(
 
 def _timed_storescu(port: int, files: list[Path], *, nodelay: bool) -> float:
     """Seconds dcmtk's storescu takes to send ``files``, with or without TCP_NODELAY."""
-    environment = {key: value for key, value in os.environ.items() if key != "TCP_NODELAY"}
-    if nodelay:
-        environment["TCP_NODELAY"] = "1"
     start = time.perf_counter()
-    result = subprocess.run(
-        ["/usr/bin/storescu", "-aec", "DAFNE", "127.0.0.1", str(port), *map(str, files)],
-        env=environment,
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
+    result = dcmtk("storescu", "-aec", "DAFNE", "127.0.0.1", str(port), *map(str, files),
+                   timeout=30, nodelay=nodelay)
     assert result.returncode == 0, result.stderr
     return time.perf_counter() - start
 

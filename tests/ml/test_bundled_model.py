@@ -31,7 +31,7 @@ def test_bundled_model_loads_and_meets_acceptance() -> None:
 def test_bundled_model_segments_a_heldout_phantom() -> None:
     phantom = pytest.importorskip("dafne_node.phantom")
     study = phantom.make_study(site="A", seed=3, slices=12)
-    segmenter = Segmenter(load_model_dir(BUNDLED))
+    segmenter = Segmenter.from_loaded(load_model_dir(BUNDLED))
     pred = segmenter.segment(study.pixels, study.pixel_spacing)
     assert pred.shape == study.labels.shape and pred.dtype == np.uint8
     dice = mean_dice(dice_per_label(pred, study.labels, [lab.value for lab in LEG_MUSCLES]))

@@ -20,14 +20,14 @@ def test_tiny_training_reduces_loss_and_learns(synthetic_volume, tiny_params,
     model = build_model("unet2d-res", {**tiny_params, "base_channels": 8, "max_channels": 32,
                                        "groups": 4})
     examples = _examples(synthetic_volume, range(4))
-    seg_before = Segmenter.from_module(model, tiny_preprocessing, precision="fp32")
+    seg_before = Segmenter(model, tiny_preprocessing, precision="fp32")
     before = evaluate(seg_before, examples).mean_dice
     report = train(model, examples, preprocessing=tiny_preprocessing, steps=100, lr=3e-3,
                    batch_size=4, seed=0, augment=False, progress=False)
     assert report.steps == 100 and report.slices == 16
     assert report.final_loss < 0.75 * report.initial_loss
     assert not model.training
-    after = evaluate(Segmenter.from_module(model, tiny_preprocessing, precision="fp32"),
+    after = evaluate(Segmenter(model, tiny_preprocessing, precision="fp32"),
                      examples)
     assert after.mean_dice > before + 0.3, (before, after.mean_dice)
     assert set(after.per_label) == {"soleus", "gastrocnemius_medial", "gastrocnemius_lateral",
