@@ -18,13 +18,20 @@ __all__ = [
     "StoreRequestCommand",
     "decode_command_set",
     "decode_store_request",
+    "encode_command_pdus",
     "encode_file_meta",
     "encode_store_response",
+    "split_pdata",
 ]
 
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
 _US = struct.Struct("<H")
 _UL = struct.Struct("<I")
+_PDU_HEADER = struct.Struct(">BBI")  # PDU type, reserved, length (PS3.8 §9.3.1)
+_PDV_HEADER = struct.Struct(">IBB")  # item length, context ID, message control header
+_P_DATA_TF = 0x04
+_LAST_COMMAND_FRAGMENT = 0x03
+_COMMAND_FRAGMENT = 0x01
 
 # Command Set element numbers (group 0x0000)
 _AFFECTED_SOP_CLASS = 0x0002
@@ -204,3 +211,49 @@ def encode_file_meta(
         )
     )
     return b"\x00" * 128 + b"DICM" + _explicit(0x0000, b"UL", _UL.pack(len(body))) + body
+
+
+def split_pdata(body: bytes | bytearray | memoryview) -> list[tuple[int, memoryview]]:
+    """Split the body of a P-DATA-TF PDU into ``(context ID, fragment)`` pairs (PS3.8 §9.3.5).
+
+    Each fragment still starts with its message control header byte (bit 0: command,
+    bit 1: last fragment). The fragments are views of ``body``: nothing is copied.
+
+    Raises
+    ------
+    ValueError
+        If an item's length runs past the end of ``body`` or is too short for its header.
+    """
+    view = memoryview(body)
+    end = len(view)
+    items: list[tuple[int, memoryview]] = []
+    offset = 0
+    while offset < end:
+        if offset + 6 > end:
+            raise ValueError("truncated presentation data value item")
+        length, context_id, _ = _PDV_HEADER.unpack_from(view, offset)
+        if length < 2 or offset + 4 + length > end:
+            raise ValueError(f"presentation data value item with bad length {length}")
+        items.append((context_id, view[offset + 5 : offset + 4 + length]))
+        offset += 4 + length
+    return items
+
+
+def encode_command_pdus(context_id: int, command: bytes, max_pdu: int) -> bytes:
+    """Encode a command set as P-DATA-TF PDUs no longer than the peer's ``max_pdu``.
+
+    ``max_pdu`` is the peer's Maximum Length Received (0: no limit); a command set longer
+    than that is split into fragments, the last one flagged as such.
+    """
+    room = len(command) if max_pdu == 0 else max(max_pdu - 6, 1)
+    pdus = []
+    for start in range(0, len(command), room):
+        fragment = command[start : start + room]
+        last = start + room >= len(command)
+        control = _LAST_COMMAND_FRAGMENT if last else _COMMAND_FRAGMENT
+        pdus.append(
+            _PDU_HEADER.pack(_P_DATA_TF, 0, len(fragment) + 6)
+            + _PDV_HEADER.pack(len(fragment) + 2, context_id, control)
+            + fragment
+        )
+    return b"".join(pdus)

@@ -14,12 +14,22 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 
+from dicom_scp.codec import StoreRequestCommand
 from dicom_scp.policy import CallerPolicy
+from dicom_scp.reactor import DirectStoreHandler
 from dicom_scp.store import STATUS_BAD_DATASET, StoreRequest, StoreService
 
-__all__ = ["event_handlers", "handle_echo", "handle_requested", "handle_store"]
+__all__ = [
+    "direct_store_handler",
+    "event_handlers",
+    "handle_echo",
+    "handle_requested",
+    "handle_store",
+    "store_status",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,54 +53,91 @@ def handle_echo(event: Event) -> int:
     return 0x0000
 
 
-def handle_store(event: Event, service: StoreService) -> int | Dataset:
-    """C-STORE: hand the raw data set to ``service`` and answer with its status."""
-    calling_ae, address = _peer(event)
-    request = event.request
-    try:
-        dataset = request.DataSet.getbuffer()
-        try:
-            result = service.store(
-                StoreRequest(
-                    sop_class_uid=str(request.AffectedSOPClassUID),
-                    sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                    transfer_syntax_uid=str(event.context.transfer_syntax),
-                    dataset=dataset,
-                    calling_ae=calling_ae,
-                    called_ae=str(event.assoc.acceptor.ae_title).strip(),
-                    peer_address=address,
-                )
-            )
-        finally:
-            dataset.release()
-    except Exception as exc:  # a bug must not take the association down
-        LOGGER.exception("C-STORE from %s@%s failed unexpectedly", calling_ae, address)
-        status = Dataset()
-        status.Status = STATUS_BAD_DATASET
-        status.ErrorComment = _comment(f"internal error: {type(exc).__name__}")
-        return status
+def store_status(service: StoreService, request: StoreRequest) -> tuple[int, str | None]:
+    """Run ``service`` on one C-STORE; return its status and Error Comment, logging failures.
 
+    Shared by the ``EVT_C_STORE`` handler and the direct path of :mod:`dicom_scp.reactor`,
+    so a C-STORE is answered and logged the same whichever way it came in.
+    """
+    try:
+        result = service.store(request)
+    except Exception as exc:  # a bug must not take the association down
+        LOGGER.exception(
+            "C-STORE from %s@%s failed unexpectedly", request.calling_ae, request.peer_address
+        )
+        return STATUS_BAD_DATASET, _comment(f"internal error: {type(exc).__name__}")
     if result.ok:
         if result.duplicate:
             LOGGER.info(
                 "C-STORE %s from %s@%s: already stored, answered success",
-                request.AffectedSOPInstanceUID,
-                calling_ae,
-                address,
+                request.sop_instance_uid,
+                request.calling_ae,
+                request.peer_address,
             )
-        return 0x0000
+        return result.status, None
     LOGGER.warning(
         "C-STORE %s from %s@%s refused with 0x%04X: %s",
-        request.AffectedSOPInstanceUID,
-        calling_ae,
-        address,
+        request.sop_instance_uid,
+        request.calling_ae,
+        request.peer_address,
         result.status,
         result.reason,
     )
-    status = Dataset()
-    status.Status = result.status
-    status.ErrorComment = _comment(result.reason or "")
-    return status
+    return result.status, _comment(result.reason or "")
+
+
+def handle_store(event: Event, service: StoreService) -> int | Dataset:
+    """C-STORE through pynetdicom: hand the raw data set to ``service``, answer its status."""
+    calling_ae, address = _peer(event)
+    request = event.request
+    dataset = request.DataSet.getbuffer()
+    try:
+        status, comment = store_status(
+            service,
+            StoreRequest(
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                dataset=dataset,
+                calling_ae=calling_ae,
+                called_ae=str(event.assoc.acceptor.ae_title).strip(),
+                peer_address=address,
+            ),
+        )
+    finally:
+        dataset.release()
+    if comment is None:
+        return status
+    answer = Dataset()
+    answer.Status = status
+    answer.ErrorComment = comment
+    return answer
+
+
+def direct_store_handler(service: StoreService) -> DirectStoreHandler:
+    """The handler for the direct C-STORE path of :mod:`dicom_scp.reactor`."""
+
+    def serve(
+        assoc: Association,
+        command: StoreRequestCommand,
+        transfer_syntax_uid: str,
+        dataset: bytes | memoryview,
+    ) -> tuple[int, str | None]:
+        requestor = assoc.requestor
+        return store_status(
+            service,
+            StoreRequest(
+                sop_class_uid=command.sop_class_uid,
+                sop_instance_uid=command.sop_instance_uid,
+                transfer_syntax_uid=transfer_syntax_uid,
+                dataset=dataset,
+                calling_ae=str(requestor.ae_title).strip(),
+                called_ae=str(assoc.acceptor.ae_title).strip(),
+                peer_address=requestor.address,
+            ),
+        )
+
+    return serve
 
 
 def handle_requested(event: Event, policy: CallerPolicy) -> None:

@@ -4,18 +4,19 @@ The receiver stores the dataset bytes exactly as they arrived; it only needs the
 place the instance in its study and series plus the few attributes that routing rules
 match on. Parsing stops after (0028,0008) Number of Frames, so the pixel data (and the
 enhanced multi-frame functional groups behind it) are never looked at, and values are read
-raw (no pydicom value conversion or validation), which keeps this under ~0.1 ms for a
-typical MR header.
+raw (no value conversion or validation). Little-endian data sets (all but the retired
+big-endian syntax) are walked element by element here, skipping sequences unread; what the
+walker does not recognise goes to pydicom, which knows the odd encodings of real files.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -70,32 +71,153 @@ class InstanceHeader:
     accession_number: str | None = None
 
 
+class _UnhandledEncodingError(Exception):
+    """An encoding the fast walker leaves to pydicom (it has heuristics for odd files)."""
+
+
+_WANTED = frozenset(
+    {
+        _SPECIFIC_CHARACTER_SET, _IMAGE_TYPE, _SOP_CLASS_UID, _SOP_INSTANCE_UID, _STUDY_DATE,
+        _ACCESSION_NUMBER, _MODALITY, _STUDY_DESCRIPTION, _SERIES_DESCRIPTION, _PATIENT_ID,
+        _BODY_PART, _STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _SERIES_NUMBER,
+        _INSTANCE_NUMBER, _NUMBER_OF_FRAMES,
+    }
+)
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+_MAX_DEPTH = 32
+_TAG = struct.Struct("<HH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _element(view: memoryview, offset: int, implicit: bool) -> tuple[int, int, int, bytes]:
+    """Tag, value offset, value length and VR (``b""`` if implicit) at ``offset``."""
+    end = len(view)
+    if offset + 8 > end:
+        raise HeaderError("data set truncated inside an element header")
+    group, number = _TAG.unpack_from(view, offset)
+    tag = group << 16 | number
+    if implicit or group == 0xFFFE:  # item and delimiter tags never have a VR
+        return tag, offset + 8, _U32.unpack_from(view, offset + 4)[0], b""
+    vr = bytes(view[offset + 4 : offset + 6])
+    if vr in _LONG_VRS:
+        if offset + 12 > end:
+            raise HeaderError("data set truncated inside an element header")
+        return tag, offset + 12, _U32.unpack_from(view, offset + 8)[0], vr
+    if not (vr.isalpha() and vr.isupper()):
+        raise _UnhandledEncodingError(f"no VR at {_tag(tag)}")
+    return tag, offset + 8, _U16.unpack_from(view, offset + 6)[0], vr
+
+
+def _skip_items(view: memoryview, offset: int, implicit: bool, depth: int) -> int:
+    """Skip the items of an undefined-length sequence; return the offset after its end."""
+    if depth > _MAX_DEPTH:
+        raise HeaderError("sequences nested too deeply")
+    while True:
+        tag, offset, length, _ = _element(view, offset, True)
+        if tag == _SEQUENCE_END:
+            return offset
+        if tag != _ITEM:
+            raise HeaderError(f"malformed sequence: {_tag(tag)} where an item belongs")
+        if length == _UNDEFINED_LENGTH:
+            offset = _skip_item_elements(view, offset, implicit, depth + 1)
+        elif offset + length > len(view):
+            raise HeaderError("data set truncated inside a sequence item")
+        else:
+            offset += length
+
+
+def _skip_item_elements(view: memoryview, offset: int, implicit: bool, depth: int) -> int:
+    """Skip the elements of an undefined-length item; return the offset after its end."""
+    while True:
+        tag, offset, length, vr = _element(view, offset, implicit)
+        if tag == _ITEM_END:
+            return offset
+        if length == _UNDEFINED_LENGTH:  # UN of undefined length is implicit VR inside
+            offset = _skip_items(view, offset, implicit or vr == b"UN", depth)
+        elif offset + length > len(view):
+            raise HeaderError("data set truncated inside a sequence item")
+        else:
+            offset += length
+
+
+def _walk(data: bytes | memoryview, implicit: bool) -> dict[int, bytes]:
+    """The raw values of the wanted top-level elements of a little-endian data set.
+
+    Why not pydicom: reading these few elements through ``read_dataset`` costs ~85 µs per
+    instance, a tenth of the node's whole receive budget; walking the element headers and
+    skipping everything else costs a few µs. Sequences are skipped, not read.
+    """
+    view = memoryview(data)
+    end = len(view)
+    values: dict[int, bytes] = {}
+    offset = 0
+    while offset + 8 <= end:  # fewer bytes left is trailing padding, as pydicom reads it
+        tag, offset, length, vr = _element(view, offset, implicit)
+        if tag > _LAST_TAG:
+            break
+        if length == _UNDEFINED_LENGTH:
+            offset = _skip_items(view, offset, implicit or vr == b"UN", 0)
+            continue
+        if offset + length > end:
+            raise HeaderError(f"{_tag(tag)} runs past the end of the data set")
+        if length and tag in _WANTED:  # an empty value reads as absent, as in pydicom
+            values[tag] = bytes(view[offset : offset + length])
+        offset += length
+    return values
+
+
 def _stop(tag: int, vr: str | None, length: int) -> bool:
     return tag > _LAST_TAG
 
 
-def _raw(ds: Dataset, tag: int) -> bytes | None:
-    if tag not in ds:
-        return None
-    value = ds.get_item(tag).value
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value
-    # Already converted (should not happen on a fresh read); fall back to its text form
-    return str(value).encode("utf-8")
+def _read_with_pydicom(data: bytes | memoryview, implicit: bool, little: bool) -> dict[int, bytes]:
+    ds = read_dataset(io.BytesIO(data), implicit, little, stop_when=_stop)
+    values: dict[int, bytes] = {}
+    for tag in _WANTED:
+        if tag not in ds:
+            continue
+        value = ds.get_item(tag).value
+        if isinstance(value, bytes):
+            values[tag] = value
+        elif value is not None:  # already converted (not on a fresh read): its text form
+            values[tag] = str(value).encode("utf-8")
+    return values
 
 
-def _ascii(ds: Dataset, tag: int) -> str | None:
-    raw = _raw(ds, tag)
+def _read(data: bytes | memoryview, transfer_syntax_uid: str) -> dict[int, bytes]:
+    implicit = transfer_syntax_uid == ImplicitVRLittleEndian
+    little = transfer_syntax_uid != ExplicitVRBigEndian
+    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data))
+    if little:
+        try:
+            return _walk(data, implicit)
+        except _UnhandledEncodingError:
+            pass
+    return _read_with_pydicom(data, implicit, little)
+
+
+def _ascii(values: dict[int, bytes], tag: int) -> str | None:
+    raw = values.get(tag)
     if raw is None:
         return None
     text = raw.rstrip(b"\x00 ").lstrip(b" ").decode("latin-1")
     return text or None
 
 
-def _text(ds: Dataset, tag: int, encodings: list[str] | None) -> str | None:
-    raw = _raw(ds, tag)
+def _text(values: dict[int, bytes], tag: int, encodings: list[str] | None) -> str | None:
+    raw = values.get(tag)
     if raw is None:
         return None
     raw = raw.rstrip(b"\x00 ")
@@ -106,22 +228,14 @@ def _text(ds: Dataset, tag: int, encodings: list[str] | None) -> str | None:
     return decode_bytes(raw, encodings, set()).strip() or None
 
 
-def _int(ds: Dataset, tag: int) -> int | None:
-    text = _ascii(ds, tag)
+def _int(values: dict[int, bytes], tag: int) -> int | None:
+    text = _ascii(values, tag)
     if text is None:
         return None
     try:
         return int(float(text.split("\\")[0]))
     except ValueError:
         return None
-
-
-def _read(data: bytes | memoryview, transfer_syntax_uid: str) -> Dataset:
-    implicit = transfer_syntax_uid == ImplicitVRLittleEndian
-    little = transfer_syntax_uid != ExplicitVRBigEndian
-    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data))
-    return read_dataset(io.BytesIO(data), implicit, little, stop_when=_stop)
 
 
 def parse_header(data: bytes | memoryview, transfer_syntax_uid: str) -> InstanceHeader:
@@ -145,18 +259,20 @@ def parse_header(data: bytes | memoryview, transfer_syntax_uid: str) -> Instance
         Series Instance UID is missing.
     """
     try:
-        ds = _read(data, transfer_syntax_uid)
+        values = _read(data, transfer_syntax_uid)
+    except HeaderError as exc:
+        raise HeaderError(f"cannot parse dataset: {exc}") from exc
     except Exception as exc:  # pydicom raises many types on garbage input
         raise HeaderError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
 
     try:
-        charset = _ascii(ds, _SPECIFIC_CHARACTER_SET)
+        charset = _ascii(values, _SPECIFIC_CHARACTER_SET)
         encodings = convert_encodings(charset.split("\\")) if charset else None
         uids = {
-            "SOPClassUID": _ascii(ds, _SOP_CLASS_UID),
-            "SOPInstanceUID": _ascii(ds, _SOP_INSTANCE_UID),
-            "StudyInstanceUID": _ascii(ds, _STUDY_INSTANCE_UID),
-            "SeriesInstanceUID": _ascii(ds, _SERIES_INSTANCE_UID),
+            "SOPClassUID": _ascii(values, _SOP_CLASS_UID),
+            "SOPInstanceUID": _ascii(values, _SOP_INSTANCE_UID),
+            "StudyInstanceUID": _ascii(values, _STUDY_INSTANCE_UID),
+            "SeriesInstanceUID": _ascii(values, _SERIES_INSTANCE_UID),
         }
         missing = [name for name, value in uids.items() if not value]
         if missing:
@@ -169,17 +285,17 @@ def parse_header(data: bytes | memoryview, transfer_syntax_uid: str) -> Instance
             sop_instance_uid=str(uids["SOPInstanceUID"]),
             study_instance_uid=str(uids["StudyInstanceUID"]),
             series_instance_uid=str(uids["SeriesInstanceUID"]),
-            modality=_ascii(ds, _MODALITY),
-            body_part_examined=_ascii(ds, _BODY_PART),
-            series_description=_text(ds, _SERIES_DESCRIPTION, encodings),
-            study_description=_text(ds, _STUDY_DESCRIPTION, encodings),
-            image_type=_ascii(ds, _IMAGE_TYPE),
-            series_number=_int(ds, _SERIES_NUMBER),
-            instance_number=_int(ds, _INSTANCE_NUMBER),
-            number_of_frames=_int(ds, _NUMBER_OF_FRAMES),
-            patient_id=_text(ds, _PATIENT_ID, encodings),
-            study_date=_ascii(ds, _STUDY_DATE),
-            accession_number=_text(ds, _ACCESSION_NUMBER, encodings),
+            modality=_ascii(values, _MODALITY),
+            body_part_examined=_ascii(values, _BODY_PART),
+            series_description=_text(values, _SERIES_DESCRIPTION, encodings),
+            study_description=_text(values, _STUDY_DESCRIPTION, encodings),
+            image_type=_ascii(values, _IMAGE_TYPE),
+            series_number=_int(values, _SERIES_NUMBER),
+            instance_number=_int(values, _INSTANCE_NUMBER),
+            number_of_frames=_int(values, _NUMBER_OF_FRAMES),
+            patient_id=_text(values, _PATIENT_ID, encodings),
+            study_date=_ascii(values, _STUDY_DATE),
+            accession_number=_text(values, _ACCESSION_NUMBER, encodings),
         )
     except HeaderError:
         raise

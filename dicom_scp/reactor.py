@@ -10,16 +10,24 @@ Why this exists (measured with py-spy on pynetdicom 3.0.4, see docs/benchmarks.m
   the DIMSE message queue, so each received C-STORE waits for that too.
 * Each C-STORE costs ~0.6 ms of CPU in pydicom to decode the request's command set and to
   build and encode the response's (twice: once to learn the group length).
+* Beyond that, each C-STORE passes through PDU and primitive objects, the state machine, two
+  queues, UID validation and the service class before the handler runs, and back the same
+  way for the response: another ~0.2 ms, a quarter of the node's receive budget.
 
 With one association a C-STORE is a strict ping-pong, so these waits are paid once per
 instance and the process sits half idle. The classes below keep pynetdicom's state
 machine, service classes and event handlers, and change only how the two threads wait:
 the DUL blocks in ``select()`` on the socket and a wake-up socket pair that is written
 whenever the association thread queues a primitive; the association thread blocks on a
-``threading.Event`` set whenever the DUL queues a message or primitive for it. The
-C-STORE-RQ command set and the C-STORE-RSP are coded by hand (:mod:`dicom_scp.codec`)
-when no handler is bound to ``EVT_DIMSE_RECV``/``EVT_DIMSE_SENT`` that needs pynetdicom's
-message objects; everything else goes through pynetdicom unchanged.
+``threading.Event`` set whenever the DUL queues a message or primitive for it.
+
+C-STOREs take a direct path: in data transfer (Sta6) the DUL splits each P-DATA-TF PDU
+itself, assembles C-STORE requests from the raw fragments, calls the server's
+:class:`DirectStoreHandler` on its own thread and writes the hand-coded C-STORE-RSP
+(:mod:`dicom_scp.codec`) straight to the socket. Data transfer leaves the state machine in
+Sta6 either way, so nothing is skipped but bookkeeping. The path is left for pynetdicom's
+whenever something needs its objects: a handler bound to a DIMSE, PDU or data event, a
+command that is not a C-STORE-RQ, a context that was not accepted, a malformed PDU.
 
 The hooks used are pynetdicom's own extension points (``AE.make_server(server_class=…,
 request_handler=…)``), but the overridden loops mirror private methods of pynetdicom
@@ -34,12 +42,14 @@ import queue
 import select
 import socket
 import socketserver
+import struct
 import threading
 import time
+from collections.abc import Sequence
 from copy import deepcopy
 from datetime import datetime
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import pynetdicom
 from pynetdicom import _config, evt
@@ -54,7 +64,7 @@ from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dul import DULServiceProvider
+from pynetdicom.dul import _PDU_TYPES, DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import (
@@ -64,9 +74,17 @@ from pynetdicom.transport import (
 )
 
 from dicom_scp.ae import set_nodelay
-from dicom_scp.codec import decode_command_set, decode_store_request, encode_store_response
+from dicom_scp.codec import (
+    StoreRequestCommand,
+    decode_command_set,
+    decode_store_request,
+    encode_command_pdus,
+    encode_store_response,
+    split_pdata,
+)
 
 __all__ = [
+    "DirectStoreHandler",
     "EventDrivenAssociation",
     "EventDrivenRequestHandler",
     "EventDrivenServer",
@@ -80,6 +98,9 @@ IDLE_WAIT_S = 0.05
 """Longest a loop blocks without an event; bounds how late timers and kills are noticed."""
 
 _PREALLOCATE_LIMIT = 8 * 1024 * 1024
+_PDU_HEADER = struct.Struct(">BBL")
+_P_DATA_TF = 0x04
+_KNOWN_PDU_TYPES = frozenset(code[0] for code in _PDU_TYPES)
 
 
 _STANDARD_LOGGING_HANDLERS = (
@@ -211,6 +232,54 @@ class _EventDrivenDUL(DULServiceProvider):
             except OSError:
                 pass
 
+    def _read_pdu_data(self) -> None:
+        """Read one PDU; in data transfer, offer P-DATA-TF to the direct C-STORE path.
+
+        Outside Sta6, or for any PDU the direct path does not take, this ends as
+        pynetdicom's own method does: the PDU decoded and its event queued for the state
+        machine, or Evt17/Evt19 with the same log lines for a broken connection or PDU.
+        """
+        if self.state_machine.current_state != "Sta6":
+            super()._read_pdu_data()
+            return
+        sock = cast(AssociationSocket, self.socket)
+        try:
+            header = sock.recv(6)
+            if len(header) < 6:
+                self.event_queue.put("Evt17")  # closed between PDUs
+                return
+            pdu_type, _, length = _PDU_HEADER.unpack(header)
+            if pdu_type not in _KNOWN_PDU_TYPES:
+                LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+                self.event_queue.put("Evt19")
+                return
+            body = sock.recv(length)
+        except (OSError, TimeoutError) as exc:
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) < length:
+            LOGGER.error(
+                "The received PDU is shorter than expected (%d of %d bytes received)",
+                len(body) + 6,
+                length + 6,
+            )
+            self.event_queue.put("Evt17")
+            return
+        dimse = cast(_DirectDIMSE, self.assoc.dimse)
+        if pdu_type == _P_DATA_TF and dimse.receive_pdata(body):
+            return
+        try:
+            pdu, event = self._decode_pdu(header + body)
+        except Exception as exc:
+            LOGGER.error("Unable to decode the received PDU data")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
     def run_reactor(self) -> None:
         """The DUL loop; same steps as pynetdicom's, waiting on events instead of sleeping."""
         try:
@@ -261,72 +330,149 @@ class _EventDrivenDUL(DULServiceProvider):
             idle = False
 
 
+class DirectStoreHandler(Protocol):
+    """Serves one C-STORE on the direct path; returns the status and an Error Comment.
+
+    Called on the association's DUL thread with the request's command, the transfer
+    syntax of its presentation context and the data set as received. It must not raise:
+    the response is sent as soon as it returns.
+    """
+
+    def __call__(
+        self,
+        assoc: Association,
+        command: StoreRequestCommand,
+        transfer_syntax_uid: str,
+        dataset: bytes | memoryview,
+    ) -> tuple[int, str | None]:
+        """Store the data set and say how it went."""
+        ...
+
+
+_OBSERVED_EVENTS = (
+    evt.EVT_DIMSE_RECV,
+    evt.EVT_DIMSE_SENT,
+    evt.EVT_PDU_RECV,
+    evt.EVT_PDU_SENT,
+    evt.EVT_DATA_RECV,
+)
+
+
 class _PendingStore:
-    """A C-STORE-RQ whose dataset fragments are still arriving."""
+    """A C-STORE-RQ whose data set fragments are still arriving."""
 
-    __slots__ = ("buffer", "command", "context_id")
+    __slots__ = ("command", "context_id", "fragments")
 
-    def __init__(self, context_id: int, command: Any) -> None:
+    def __init__(self, context_id: int, command: StoreRequestCommand) -> None:
         self.context_id = context_id
         self.command = command
-        self.buffer = BytesIO()
+        self.fragments: list[memoryview] = []
+
+    def dataset(self) -> bytes | memoryview:
+        """The data set: the received bytes themselves if it came in one fragment."""
+        if len(self.fragments) == 1:
+            return self.fragments[0]
+        return b"".join(self.fragments)
 
 
-class _FastDIMSE(DIMSEServiceProvider):
-    """DIMSE provider with hand-coded C-STORE-RQ decoding and C-STORE-RSP encoding."""
+class _DirectDIMSE(DIMSEServiceProvider):
+    """DIMSE provider that serves C-STORE requests straight from received PDU bytes."""
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
         self._store: _PendingStore | None = None
 
-    def _fast_recv_ok(self) -> bool:
-        return not _config.STORE_RECV_CHUNKED_DATASET and not self.assoc.get_handlers(
-            evt.EVT_DIMSE_RECV
+    def _direct_ok(self) -> bool:
+        # pynetdicom may be half-way through a message of its own, or someone may want its
+        # message and PDU objects: then it sees everything, as it would without us
+        return (
+            self.message is None
+            and not _config.STORE_RECV_CHUNKED_DATASET
+            and not any(self.assoc.get_handlers(event) for event in _OBSERVED_EVENTS)
         )
 
-    def receive_primitive(self, primitive: P_DATA) -> None:
-        """Assemble C-STORE requests directly; hand anything else to pynetdicom."""
-        if self._store is None and (self.message is not None or not self._fast_recv_ok()):
-            super().receive_primitive(primitive)
-            return
-        items = primitive.presentation_data_value_list
+    def receive_pdata(self, body: bytearray) -> bool:
+        """Take the body of a received P-DATA-TF PDU if it belongs to a C-STORE.
+
+        Returns ``False``, having changed nothing, if pynetdicom should handle the PDU.
+        """
+        try:
+            items = split_pdata(body)
+        except ValueError:
+            return False  # pynetdicom decodes it again and aborts with its usual log line
         if not items:
-            return
-        start = 0
+            return False
         if self._store is None:
-            context_id, data = items[0]
-            if data[0] & 0x03 != 0x03:  # not a complete command in one fragment
-                super().receive_primitive(primitive)
-                return
-            try:
-                command = decode_store_request(decode_command_set(memoryview(data)[1:]))
-            except ValueError:
-                command = None  # let pynetdicom judge (and log) what we do not recognise
-            if command is None or not command.has_dataset:
-                super().receive_primitive(primitive)
-                return
-            self._store = _PendingStore(context_id, command)
-            start = 1
-        for index in range(start, len(items)):
+            if not self._direct_ok() or not self._start_store(items[0]):
+                return False
+            self._receive(items, 1)
+        else:
+            self._receive(items, 0)
+        return True
+
+    def _start_store(self, item: tuple[int, memoryview]) -> bool:
+        context_id, data = item
+        if data[0] & 0x03 != 0x03:  # not a whole command set in one fragment
+            return False
+        try:
+            command = decode_store_request(decode_command_set(data[1:]))
+        except ValueError:
+            return False  # let pynetdicom judge (and log) what we do not recognise
+        if command is None or not command.has_dataset:
+            return False
+        self._store = _PendingStore(context_id, command)
+        return True
+
+    def _receive(self, items: Sequence[tuple[int, memoryview]], index: int) -> None:
+        while index < len(items):
+            pending = self._store
+            if pending is None:  # another message follows a completed C-STORE in one PDU
+                if not self._start_store(items[index]):
+                    self._receive_with_pynetdicom(items[index:])
+                    return
+                index += 1
+                continue
             context_id, data = items[index]
-            pending = cast(_PendingStore, self._store)
+            index += 1
             if data[0] & 0x01 or context_id != pending.context_id:
                 LOGGER.error("Command fragment or context change inside a C-STORE data set")
                 self._store = None
                 self.dul.event_queue.put("Evt19")
                 return
-            pending.buffer.write(memoryview(data)[1:])
+            pending.fragments.append(data[1:])
             if data[0] & 0x02:
                 self._store = None
-                self._deliver(pending)
-                rest = items[index + 1 :]
-                if rest:
-                    follow = P_DATA()
-                    follow.presentation_data_value_list = rest
-                    self.receive_primitive(follow)
-                return
+                self._serve(pending)
 
-    def _deliver(self, pending: _PendingStore) -> None:
+    def _receive_with_pynetdicom(self, items: Sequence[tuple[int, memoryview]]) -> None:
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = [[cid, bytes(data)] for cid, data in items]
+        self.receive_primitive(primitive)
+
+    def _serve(self, pending: _PendingStore) -> None:
+        assoc = cast(EventDrivenAssociation, self.assoc)
+        command = pending.command
+        context = assoc._accepted_cx.get(pending.context_id)
+        handler = assoc.store_handler
+        if handler is None or context is None or assoc._sent_release:
+            self._serve_with_pynetdicom(pending)
+            return
+        status, comment = handler(
+            assoc, command, str(context.transfer_syntax[0]), pending.dataset()
+        )
+        response = encode_store_response(
+            message_id=command.message_id,
+            sop_class_uid=command.sop_class_uid,
+            sop_instance_uid=command.sop_instance_uid,
+            status=status,
+            error_comment=comment,
+        )
+        socket_ = self.dul.socket
+        if socket_ is not None:
+            socket_.send(encode_command_pdus(pending.context_id, response, self.maximum_pdu_size))
+
+    def _serve_with_pynetdicom(self, pending: _PendingStore) -> None:
+        """Serve through pynetdicom's service class and handlers (its checks and logs)."""
         command = pending.command
         try:
             request = C_STORE()
@@ -338,24 +484,19 @@ class _FastDIMSE(DIMSEServiceProvider):
                 request.MoveOriginatorApplicationEntityTitle = command.move_originator_ae
             if command.move_originator_id is not None:
                 request.MoveOriginatorMessageID = command.move_originator_id
-            request.DataSet = pending.buffer
+            request.DataSet = BytesIO(pending.dataset())
             request._context_id = pending.context_id
         except Exception as exc:
             LOGGER.error("Received an invalid C-STORE request: %s", exc)
             self.dul.event_queue.put("Evt19")
             return
-        if getattr(self.assoc, "serve_stores_inline", False):
-            # Serve on the DUL thread: the peer waits for this response before sending
-            # anything else, so nothing is held up, and two thread switches are saved.
-            try:
-                self.assoc._serve_request(request, pending.context_id)
-            except Exception:
-                LOGGER.exception("Unhandled error serving a C-STORE request")
-            return
-        self.msg_queue.put((pending.context_id, request))
+        try:
+            self.assoc._serve_request(request, pending.context_id)
+        except Exception:
+            LOGGER.exception("Unhandled error serving a C-STORE request")
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
-        """Send a C-STORE-RSP as one hand-coded PDV; anything else via pynetdicom."""
+        """Send a C-STORE-RSP as hand-coded PDUs; anything else via pynetdicom."""
         if (
             isinstance(primitive, C_STORE)
             and primitive.MessageIDBeingRespondedTo is not None
@@ -381,22 +522,23 @@ class _FastDIMSE(DIMSEServiceProvider):
 class EventDrivenAssociation(Association):
     """An ``Association`` whose reactor waits on events instead of sleeping 1 ms.
 
-    With ``serve_stores_inline`` set, C-STORE requests are served on the DUL thread as soon
-    as their last fragment arrives rather than being queued for the association thread.
-    A C-STORE is a strict request/response exchange (pynetdicom negotiates no asynchronous
-    operations window), so nothing else can happen on the association meanwhile; what is
-    saved is a wake-up of the association thread and another of the DUL thread for the
-    response, per instance, which on a loaded machine costs more than the handler itself.
+    C-STORE requests are served on the DUL thread as soon as their last fragment arrives
+    rather than being queued for the association thread. A C-STORE is a strict
+    request/response exchange (pynetdicom negotiates no asynchronous operations window), so
+    nothing else can happen on the association meanwhile; what is saved is a wake-up of the
+    association thread and another of the DUL thread for the response, per instance, which
+    on a loaded machine costs more than the handler itself.
     """
 
-    serve_stores_inline = False
+    store_handler: DirectStoreHandler | None = None
+    """Serves C-STOREs on the direct path; ``None`` sends them through pynetdicom."""
 
     def __init__(self, ae: ApplicationEntity, mode: str) -> None:
         self._activity = threading.Event()
         super().__init__(ae, mode)
         self.dul = _EventDrivenDUL(self)
         self.dul.to_user_queue = _SignalQueue(self.signal)
-        self.dimse = _FastDIMSE(self)
+        self.dimse = _DirectDIMSE(self)
         self.dimse.msg_queue = _SignalQueue(self.signal)
         # the timeout setter configures the DUL's idle timer, so apply it to the new DUL
         self.network_timeout = self.ae.network_timeout
@@ -465,7 +607,7 @@ class EventDrivenRequestHandler(RequestHandler):
         client = cast(socket.socket, self.request)
         set_nodelay(client)
         assoc = EventDrivenAssociation(self.ae, MODE_ACCEPTOR)
-        assoc.serve_stores_inline = getattr(self.server, "serve_stores_inline", True)
+        assoc.store_handler = getattr(self.server, "store_handler", None)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
 
@@ -497,7 +639,7 @@ class EventDrivenServer(ThreadedAssociationServer):
 
     daemon_threads = True
     pdu_logging = False
-    serve_stores_inline = True
+    store_handler: DirectStoreHandler | None = None
 
     def server_bind(self) -> None:
         """Bind as pynetdicom does, then disable Nagle (accepted sockets inherit it)."""
@@ -520,6 +662,7 @@ def make_server(
     ssl_context: Any = None,
     event_driven: bool | None = None,
     pdu_logging: bool = False,
+    store_handler: DirectStoreHandler | None = None,
 ) -> ThreadedAssociationServer:
     """Create (but do not start) an association server for ``ae`` on ``address``.
 
@@ -537,7 +680,12 @@ def make_server(
         Use the event-driven loops; by default when :func:`is_supported`.
     pdu_logging : bool
         Keep pynetdicom's per-PDU and per-DIMSE debug logging handlers. They format
-        every message even when the log level would drop it, so they are off by default.
+        every message even when the log level would drop it, so they are off by default
+        (and with them on, C-STOREs take pynetdicom's path so that they are logged).
+    store_handler : DirectStoreHandler, optional
+        Serves C-STOREs on the event-driven loops' direct path. It should do what the
+        ``EVT_C_STORE`` handler in ``evt_handlers`` does, which still serves C-STOREs that
+        take pynetdicom's path (and all of them on the stock loops).
 
     Returns
     -------
@@ -553,6 +701,7 @@ def make_server(
             server_class=EventDrivenServer,
             request_handler=EventDrivenRequestHandler,
         )
+        server.store_handler = store_handler  # read by EventDrivenRequestHandler
     else:
         LOGGER.warning(
             "pynetdicom %s: using its stock polling loops (slower receive path)",

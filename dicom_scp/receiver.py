@@ -25,7 +25,7 @@ from types import TracebackType
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_scp.ae import DEFAULT_MAX_PDU, build_ae, storage_contexts
-from dicom_scp.handlers import event_handlers
+from dicom_scp.handlers import direct_store_handler, event_handlers
 from dicom_scp.policy import CallerPolicy, DiskWatermark
 from dicom_scp.reactor import make_server
 from dicom_scp.spool import Spool
@@ -143,6 +143,7 @@ class StorageServer:
             evt_handlers=event_handlers(self.service, self.policy),
             ssl_context=self._ssl_context,
             event_driven=self._event_driven,
+            store_handler=direct_store_handler(self.service),
         )
         self._server = server
         self._thread = threading.Thread(

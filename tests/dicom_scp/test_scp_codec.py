@@ -19,12 +19,16 @@ from pydicom.uid import (
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 
 from dicom_scp.codec import (
     decode_command_set,
     decode_store_request,
+    encode_command_pdus,
     encode_file_meta,
     encode_store_response,
+    split_pdata,
 )
 from dicom_scp.header import HeaderError, parse_header
 
@@ -158,3 +162,44 @@ def test_parse_header_rejects_what_it_cannot_file(mr_files: list[Path]) -> None:
         parse_header(b"\x01\x02\x03", DeflatedExplicitVRLittleEndian)
     with pytest.raises(HeaderError):
         parse_header(b"", ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 64, 7])
+def test_command_pdus_decode_with_pynetdicom_and_respect_max_pdu(max_pdu: int) -> None:
+    command = encode_store_response(
+        message_id=3, sop_class_uid=MRImageStorage, sop_instance_uid=UID, status=0
+    )
+    encoded = encode_command_pdus(5, command, max_pdu)
+    fragments: list[tuple[int, bytes]] = []
+    offset = 0
+    while offset < len(encoded):
+        length = int.from_bytes(encoded[offset + 2 : offset + 6], "big")
+        if max_pdu:
+            assert length <= max_pdu
+        pdu = P_DATA_TF()
+        pdu.decode(encoded[offset : offset + 6 + length])
+        fragments += [
+            (item.context_id, item.presentation_data_value)
+            for item in pdu.presentation_data_value_items
+        ]
+        offset += 6 + length
+    assert {context_id for context_id, _ in fragments} == {5}
+    assert [data[0] for _, data in fragments] == [0x01] * (len(fragments) - 1) + [0x03]
+    assert b"".join(data[1:] for _, data in fragments) == command
+
+
+def test_split_pdata_matches_pynetdicom_and_rejects_bad_lengths() -> None:
+    pdu = P_DATA_TF()
+    pdu.presentation_data_value_items = []
+    for context_id, data in ((1, b"\x01cmd"), (1, b"\x02dataset"), (3, b"\x03x")):
+        item = PresentationDataValueItem()
+        item.presentation_context_id, item.presentation_data_value = context_id, data
+        pdu.presentation_data_value_items.append(item)
+    body = pdu.encode()[6:]
+    assert [(cid, bytes(data)) for cid, data in split_pdata(body)] == [
+        (1, b"\x01cmd"), (1, b"\x02dataset"), (3, b"\x03x")
+    ]
+    with pytest.raises(ValueError, match="bad length"):
+        split_pdata(body[:-1])
+    with pytest.raises(ValueError, match="truncated"):
+        split_pdata(body + b"\x00\x00")

@@ -67,6 +67,27 @@ def test_storescu_lands_in_spool_and_index(
         assert record.size_bytes == kept.stat().st_size
 
 
+def _data_set(path: Path) -> bytes:
+    """The bytes of a Part 10 file after its File Meta Information."""
+    raw = path.read_bytes()
+    return raw[144 + int.from_bytes(raw[140:144], "little") :]
+
+
+@pytest.mark.parametrize("event_driven", [True, False], ids=["event-driven", "stock-pynetdicom"])
+def test_data_sets_split_over_many_pdus_are_stored_byte_for_byte(
+    scp: ServerFactory, tmp_path: Path, event_driven: bool
+) -> None:
+    # 32 KiB of pixels per image in PDUs of at most 4 KiB: every data set arrives in pieces
+    files = make_mr(tmp_path / "big", 3, size=128)
+    index = MemoryIndex()
+    server = scp(index=index, max_pdu=4096, event_driven=event_driven)
+    result = dcmtk("storescu", "-aec", "DAFNE", "127.0.0.1", str(server.port), *map(str, files))
+    assert result.returncode == 0, result.stderr
+    for path in files:
+        record = index.records[path.stem]
+        assert _data_set(server.spool.path(record.spool_path)) == _data_set(path)
+
+
 def _timed_storescu(port: int, files: list[Path], *, nodelay: bool) -> float:
     """Seconds dcmtk's storescu takes to send ``files``, with or without TCP_NODELAY."""
     start = time.perf_counter()
