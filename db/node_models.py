@@ -192,6 +192,8 @@ class Instance(NodeBase):
     spool_path: Mapped[str] = mapped_column(Text)
     """Relative to the node's spool directory, with ``/`` separators."""
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    content_crc32: Mapped[int | None] = mapped_column(BigInteger)
+    """CRC-32 of the spooled file as received; tells a complete file after a crash."""
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     calling_ae: Mapped[str | None] = mapped_column(AE)
     called_ae: Mapped[str | None] = mapped_column(AE)

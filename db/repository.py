@@ -27,6 +27,7 @@ from db.node_models import Instance, Series, SeriesState
 
 __all__ = [
     "IndexResult",
+    "IndexedFile",
     "InstanceRecord",
     "SqlInstanceIndex",
     "complete_quiet_series",
@@ -48,6 +49,7 @@ class InstanceRecord(Protocol):
     series_instance_uid: str
     spool_path: str
     size_bytes: int
+    content_crc32: int | None
     received_at: datetime
     calling_ae: str
     called_ae: str | None
@@ -63,6 +65,18 @@ class InstanceRecord(Protocol):
     patient_id: str | None
     study_date: str | None
     accession_number: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedFile:
+    """What the index recorded about an instance's spooled file."""
+
+    spool_path: str
+    size_bytes: int
+    content_crc32: int | None
+
+
+_LOOKUP_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +137,7 @@ _INSTANCE_COLUMNS = (
     "image_type",
     "spool_path",
     "size_bytes",
+    "content_crc32",
     "received_at",
     "calling_ae",
     "called_ae",
@@ -281,6 +296,7 @@ def _index(
             _clip(record.image_type, 128),
             record.spool_path,
             record.size_bytes,
+            record.content_crc32,
             sql.time(record.received_at),
             _clip(record.calling_ae, 16),
             _clip(record.called_ae, 16),
@@ -427,6 +443,28 @@ class SqlInstanceIndex:
             # a cached series row was deleted meanwhile (e.g. by retention): look up again
             self._series.clear()
             return self._commit(records)
+
+    def indexed_files(self, sop_instance_uids: Sequence[str]) -> dict[str, IndexedFile]:
+        """The file recorded for each of these SOP Instance UIDs that is indexed.
+
+        Read by the receiver's crash recovery to tell complete spool files from partial
+        ones; it runs once at start, so it goes through SQLAlchemy, not the hot path.
+        """
+        found: dict[str, IndexedFile] = {}
+        uids = list(sop_instance_uids)
+        with self.engine.connect() as connection:
+            for start in range(0, len(uids), _LOOKUP_CHUNK):
+                rows = connection.execute(
+                    select(
+                        Instance.sop_instance_uid,
+                        Instance.spool_path,
+                        Instance.size_bytes,
+                        Instance.content_crc32,
+                    ).where(Instance.sop_instance_uid.in_(uids[start : start + _LOOKUP_CHUNK]))
+                )
+                for uid, path, size, crc in rows:
+                    found[uid] = IndexedFile(spool_path=path, size_bytes=size, content_crc32=crc)
+        return found
 
     def close(self) -> None:
         """Return the connection to the pool."""

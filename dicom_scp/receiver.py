@@ -128,10 +128,11 @@ class StorageServer:
         return self._server is not None
 
     def start(self) -> None:
-        """Recover the spool after a crash and begin listening."""
+        """Recover the spool after a crash, make its free slots and begin listening."""
         if self._server is not None:
             raise RuntimeError("StorageServer already started")
         self.service.recover()
+        self.spool.prepare()
         if self.policy.is_open:
             LOGGER.warning(
                 "No calling-AE allow list configured: every caller may store to %s",

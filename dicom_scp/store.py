@@ -1,13 +1,14 @@
 """The receive pipeline behind C-STORE: check, parse, spool, index, answer.
 
 One :class:`StoreService` serves all associations. Each C-STORE runs on its association's
-thread: parse the header, write the file (temporary name, ``fdatasync``, rename), then
-:class:`GroupCommitter` records it in the index. Concurrent C-STOREs share index
-transactions and one directory ``fsync`` per directory for their renames (run alongside the
-index transaction): whoever finds no commit running commits everything queued, the others
+thread: parse the header, write the file into a spool slot (a durable temporary name),
+then :class:`GroupCommitter` records it in the index while a helper thread flushes the file
+and links it under its final name (:mod:`dicom_scp.spool`). Concurrent C-STOREs share
+index transactions: whoever finds no commit running commits everything queued, the others
 wait for it. With one association that is one transaction per instance and no thread
 switch; with eight the cost of a commit is shared. Nothing is answered before its own
-commit, and at start :meth:`StoreService.recover` completes or discards what a crash left.
+commit and flush, and at start :meth:`StoreService.recover` completes or discards what a
+crash left, checking each file against the size and CRC-32 the index recorded.
 
 Status codes (Storage Service Class, PS3.4 §B.2.3); each failure has an Error Comment and a
 log line with the reason:
@@ -28,11 +29,15 @@ import errno
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
+
+from pydicom.filereader import read_file_meta_info
 
 from dicom_scp.ae import DAFNE_IMPLEMENTATION_UID, DAFNE_IMPLEMENTATION_VERSION
 from dicom_scp.codec import encode_file_meta
@@ -50,8 +55,10 @@ __all__ = [
     "CommitTimeoutError",
     "GroupCommitter",
     "IndexResult",
+    "IndexedFile",
     "InstanceIndex",
     "ReceivedInstance",
+    "Recovery",
     "StoreRequest",
     "StoreResult",
     "StoreService",
@@ -81,6 +88,8 @@ class ReceivedInstance(InstanceHeader):
     calling_ae: str
     called_ae: str | None = None
     peer_address: str | None = None
+    content_crc32: int | None = None
+    """CRC-32 of the spooled file as written (``None`` if it was not written now)."""
 
 
 _HEADER_FIELDS = tuple(field.name for field in fields(InstanceHeader))
@@ -100,6 +109,25 @@ class IndexResult(Protocol):
         ...
 
 
+class IndexedFile(Protocol):
+    """What the index recorded about an instance's file."""
+
+    @property
+    def spool_path(self) -> str:
+        """Where the file is, relative to the spool."""
+        ...
+
+    @property
+    def size_bytes(self) -> int:
+        """Its size as written."""
+        ...
+
+    @property
+    def content_crc32(self) -> int | None:
+        """Its CRC-32 as written, if recorded."""
+        ...
+
+
 class InstanceIndex(Protocol):
     """Where received instances are recorded (the node's database).
 
@@ -110,6 +138,10 @@ class InstanceIndex(Protocol):
 
     def index_batch(self, records: Sequence[ReceivedInstance]) -> Sequence[IndexResult]:
         """Record ``records``; see the class docstring for the contract."""
+        ...
+
+    def indexed_files(self, sop_instance_uids: Sequence[str]) -> Mapping[str, IndexedFile]:
+        """The file recorded for each of these SOP Instance UIDs that is indexed."""
         ...
 
 
@@ -219,6 +251,16 @@ class StoreRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Recovery:
+    """What :meth:`StoreService.recover` found after a crash."""
+
+    completed: int
+    """Files acknowledged (indexed, flushed) before the crash, now under their final name."""
+    discarded: int
+    """Files never acknowledged (not indexed, or not completely written): removed."""
+
+
+@dataclass(frozen=True, slots=True)
 class StoreResult:
     """The answer for one C-STORE: a DIMSE status and, for failures, the reason."""
 
@@ -265,19 +307,19 @@ class StoreService:
         self._committer: GroupCommitter[ReceivedInstance, IndexResult] = GroupCommitter(
             self._commit, max_batch=max_batch
         )
-        self._dir_syncer: ThreadPoolExecutor | None = None
+        self._flusher: ThreadPoolExecutor | None = None
         self._syncer_lock = threading.Lock()
         self._staged: dict[str, StagedFile] = {}
         self._staged_lock = threading.Lock()
 
     def _commit(self, records: list[ReceivedInstance]) -> Sequence[IndexResult]:
         # Nothing in ``records`` is acknowledged before both the files and the index are
-        # durable. The files' flushes, renames and directory fsyncs (I/O waits) run on a
-        # helper thread while this one commits the index, so the waits overlap instead of
-        # adding up. Should the node die in between, the index may name an instance whose
-        # file is still a temporary one: it was not acknowledged, Spool.recover deletes the
-        # temporary file at the next start, and the sender's resend writes the file again
-        # (its final name does not exist) and is answered as a duplicate in the index.
+        # durable. The files' flushes (I/O waits) run on a helper thread while this one
+        # commits the index, so the waits overlap instead of adding up. Should the node die
+        # in between, the index may name an instance whose file was not completely flushed:
+        # it was not acknowledged, and recover() finds its slot's size or CRC-32 different
+        # from the index's record and removes it; the sender's resend then writes the file
+        # again (its final name does not exist) and is answered as a duplicate.
         paths = [record.spool_path for record in records]
         with self._staged_lock:
             staged = [self._staged.pop(path) for path in paths if path in self._staged]
@@ -285,29 +327,58 @@ class StoreService:
             self.spool.finish(staged)
             return self.index.index_batch(records)
         with self._syncer_lock:
-            if self._dir_syncer is None:
-                self._dir_syncer = ThreadPoolExecutor(1, thread_name_prefix="spool-sync")
-            synced = self._dir_syncer.submit(self._finish_files, staged, paths)
+            if self._flusher is None:
+                self._flusher = ThreadPoolExecutor(1, thread_name_prefix="spool-flush")
+            flushed = self._flusher.submit(self.spool.finish, staged)
         try:
             results = self.index.index_batch(records)
         finally:
-            synced.result()  # a failed flush fails every C-STORE of the batch
+            flushed.result()  # a failed flush fails every C-STORE of the batch
         return results
 
-    def _finish_files(self, staged: list[StagedFile], paths: list[str]) -> None:
-        self.spool.finish(staged)
-        self.spool.sync_dirs(paths)
+    def recover(self) -> Recovery:
+        """Complete or discard the files a crash left in the spool's slots.
 
-    def recover(self) -> int:
-        """Remove spool files left unfinished by a crash (see :meth:`Spool.recover`)."""
-        return self.spool.recover()
+        A slot holding data is an instance that was being received. If the index records
+        it with the slot's size and CRC-32, it was acknowledged (or could have been): it
+        gets its final name. Otherwise it was never acknowledged and is removed; its
+        sender still has it and sends it again.
+        """
+        legacy = self.spool.recover()
+        leftovers = self.spool.leftovers()
+        uids = {slot: _sop_instance_uid(slot) for slot in leftovers}
+        known = [uid for uid in uids.values() if uid]
+        indexed = self.index.indexed_files(known) if known else {}
+        completed = 0
+        for slot, uid in uids.items():
+            entry = indexed.get(uid) if uid else None
+            if entry is not None and (
+                self.spool.exists(entry.spool_path) or _file_matches(slot, entry)
+            ):
+                self.spool.adopt(slot, entry.spool_path)
+                completed += 1
+            else:
+                self.spool.drop(slot)
+        recovery = Recovery(completed=completed, discarded=len(leftovers) - completed + legacy)
+        if leftovers or legacy:
+            LOGGER.info(
+                "spool recovery after a crash: %d acknowledged files completed, "
+                "%d unacknowledged partial files removed",
+                recovery.completed,
+                recovery.discarded,
+            )
+        return recovery
 
     def close(self) -> None:
-        """Stop the helper thread (after the last C-STORE; a later C-STORE restarts it)."""
+        """Stop the helper threads and make every stored file's name durable.
+
+        Call it after the last C-STORE; a later C-STORE starts them again.
+        """
         with self._syncer_lock:
-            syncer, self._dir_syncer = self._dir_syncer, None
-        if syncer is not None:
-            syncer.shutdown(wait=True)
+            flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.shutdown(wait=True)
+        self.spool.close()
 
     def store(self, request: StoreRequest) -> StoreResult:
         """Run the pipeline for one instance and return the status to answer with."""
@@ -352,7 +423,7 @@ class StoreService:
             except SpoolError as exc:
                 status = STATUS_DISK_FULL if exc.errno == errno.ENOSPC else STATUS_SPOOL_FAILED
                 return StoreResult(status, f"spool write failed: {exc.strerror}")
-            size = staged.size
+            size, crc = staged.size, staged.crc32
             with self._staged_lock:
                 previous = self._staged.pop(relative, None)
                 self._staged[relative] = staged
@@ -360,9 +431,9 @@ class StoreService:
                 self.spool.discard(previous)
             wrote = True
         else:
-            size = self.spool.path(relative).stat().st_size
+            size, crc = self.spool.path(relative).stat().st_size, None
 
-        record = _record(request, header, relative, size)
+        record = _record(request, header, relative, size, crc)
         try:
             result = self._committer.commit(record, self.index_timeout_s)
         except CommitTimeoutError:
@@ -386,8 +457,24 @@ class StoreService:
         return StoreResult(STATUS_SUCCESS, duplicate=result.duplicate)
 
 
+def _sop_instance_uid(path: Path) -> str | None:
+    """The SOP Instance UID in a spooled file's meta information (``None`` if unreadable)."""
+    try:
+        uid = read_file_meta_info(path).get("MediaStorageSOPInstanceUID")
+    except Exception:  # a partially written file: pydicom raises many types
+        return None
+    return str(uid) if uid else None
+
+
+def _file_matches(path: Path, entry: IndexedFile) -> bool:
+    """Whether the file at ``path`` is exactly what the index recorded."""
+    if entry.content_crc32 is None or path.stat().st_size != entry.size_bytes:
+        return False
+    return zlib.crc32(path.read_bytes()) == entry.content_crc32
+
+
 def _record(
-    request: StoreRequest, header: InstanceHeader, relative: str, size: int
+    request: StoreRequest, header: InstanceHeader, relative: str, size: int, crc: int | None
 ) -> ReceivedInstance:
     return ReceivedInstance(
         **{name: getattr(header, name) for name in _HEADER_FIELDS},
@@ -398,4 +485,5 @@ def _record(
         calling_ae=request.calling_ae,
         called_ae=request.called_ae,
         peer_address=request.peer_address,
+        content_crc32=crc,
     )

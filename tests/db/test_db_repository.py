@@ -114,3 +114,17 @@ def test_concurrent_indexers_store_each_instance_once(engine: Engine) -> None:
     with session_scope(engine) as session:
         assert count_instances(session) == 40
         assert session.scalars(select(Series)).one().num_instances == 40
+
+
+def test_indexed_files_give_what_crash_recovery_checks(engine: Engine) -> None:
+    index = SqlInstanceIndex(engine)
+    try:
+        index.index_batch([record(1, content_crc32=0xFFFFFFFF, size_bytes=123), record(2)])
+        found = index.indexed_files(["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.99"])
+    finally:
+        index.close()
+    assert set(found) == {"1.2.3.1.1", "1.2.3.1.2"}
+    assert found["1.2.3.1.1"].content_crc32 == 0xFFFFFFFF  # all 32 bits survive
+    assert found["1.2.3.1.1"].size_bytes == 123
+    assert found["1.2.3.1.1"].spool_path == "1.2.3/1.2.3.1/1.2.3.1.1.dcm"
+    assert found["1.2.3.1.2"].content_crc32 is None

@@ -116,5 +116,9 @@ class MemoryIndex:
                     out.append(_Outcome(True, known.spool_path))
             return out
 
+    def indexed_files(self, sop_instance_uids: Sequence[str]) -> dict[str, ReceivedInstance]:
+        with self.lock:
+            return {uid: self.records[uid] for uid in sop_instance_uids if uid in self.records}
+
 
 ServerFactory = Callable[..., StorageServer]

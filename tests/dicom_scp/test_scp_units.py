@@ -1,8 +1,7 @@
-"""Spool, caller policy, disk watermark and group commit on their own."""
+"""Caller policy, disk watermark and group commit on their own."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -10,77 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_scp.policy import AllowedCaller, CallerPolicy, DiskWatermark
-from dicom_scp.spool import Spool, SpoolError
 from dicom_scp.store import CommitTimeoutError, GroupCommitter
-
-
-def test_spool_paths_are_deterministic_and_safe(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
-    relative = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
-    assert relative == "1.2.3/1.2.3.4/1.2.3.4.5.dcm"
-    assert spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5") == relative
-    hostile = spool.relative_path("../../etc", "1.2", "x/y")
-    assert ".." not in hostile and hostile.count("/") == 2
-    assert spool.relative_path("..", "1", "2").split("/")[0] != ".."
-
-
-def test_spool_write_is_atomic(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
-    relative = spool.relative_path("1.2", "1.2.3", "1.2.3.4")
-    size = spool.write(relative, [b"head", memoryview(b"-body" * 1000)])
-    assert size == 4 + 5000
-    assert spool.path(relative).read_bytes() == b"head" + b"-body" * 1000
-    assert spool.exists(relative)
-    spool.sync_dirs([relative])
-    leftovers = [name for _, _, files in os.walk(spool.root) for name in files if "tmp" in name]
-    assert leftovers == []
-    assert list(spool.iter_files()) == [relative]
-
-
-def test_spool_cleans_up_after_crash_and_failure(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
-    relative = spool.relative_path("1.2", "1.2.3", "1.2.3.4")
-    spool.write(relative, [b"x"])
-    stale = spool.path(relative).parent / ".1.2.3.9.dcm.abc.tmp"
-    stale.write_bytes(b"half a file")
-    assert spool.recover() == 1
-    assert not stale.exists() and spool.path(relative).exists()
-
-    blocked = spool.relative_path("1.2", "1.2.3", "1.2.3.5")
-    spool.path(blocked).mkdir()  # a directory where the file should go: rename fails
-    with pytest.raises(SpoolError):
-        spool.write(blocked, [b"y"])
-    leftovers = [name for _, _, files in os.walk(spool.root) for name in files if "tmp" in name]
-    assert leftovers == []
-
-
-def test_spool_recovery_removes_every_unfinished_file(tmp_path: Path) -> None:
-    """Temporary files may be unflushed and were never acknowledged: none is trusted."""
-    spool = Spool(tmp_path / "spool")
-    kept = spool.relative_path("1.2", "1.2.3", "1.2.3.1")
-    never_acked = spool.relative_path("1.2", "1.2.3", "1.2.3.3")
-    spool.write(kept, [b"complete"])
-    folder = spool.path(kept).parent
-    (folder / ".1.2.3.1.dcm.aaaa.tmp").write_bytes(b"older duplicate")
-    (folder / ".1.2.3.2.dcm.bbbb.tmp").write_bytes(b"indexed, maybe not flushed")
-    (folder / ".1.2.3.3.dcm.cccc.tmp").write_bytes(b"half")
-    assert spool.recover() == 3
-    assert spool.path(kept).read_bytes() == b"complete"
-    assert not spool.exists(never_acked)
-    assert sorted(spool.iter_files()) == [kept]
-
-
-def test_staged_file_appears_only_when_finished(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
-    relative = spool.relative_path("1.2", "1.2.3", "1.2.3.1")
-    staged = spool.stage(relative, [b"ab", b"cd"])
-    assert not spool.exists(relative)
-    spool.finish([staged])
-    assert spool.path(relative).read_bytes() == b"abcd"
-    other = spool.stage(spool.relative_path("1.2", "1.2.3", "1.2.3.2"), [b"x"])
-    spool.discard(other)
-    assert spool.recover() == 0
-    assert sorted(spool.iter_files()) == [relative]
 
 
 def test_caller_policy() -> None:
