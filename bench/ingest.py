@@ -12,6 +12,7 @@ Examples::
     .venv/bin/python bench/ingest.py                        # 500 MR 256x256, 1 association
     .venv/bin/python bench/ingest.py --associations 4 --count 1000   # 4 x 250 concurrently
     .venv/bin/python bench/ingest.py --db postgresql+psycopg://postgres@127.0.0.1/test
+    git worktree add /tmp/before HEAD~3 && .venv/bin/python bench/ingest.py --baseline /tmp/before
 """
 
 from __future__ import annotations
@@ -201,11 +202,20 @@ def run_storescp(groups: list[list[Path]], work: Path) -> Round:
     return Round("storescp", seconds, sum(map(len, groups)), stored, None, cpu)
 
 
-def run_ours(groups: list[list[Path]], work: Path, args: argparse.Namespace) -> Round:
-    data = Path(tempfile.mkdtemp(prefix="dafne-", dir=work))
+def _python_of(tree: Path) -> str:
+    venv = tree / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def run_ours(
+    groups: list[list[Path]], work: Path, args: argparse.Namespace, tree: Path = ROOT,
+    label: str = "dafne",
+) -> Round:
+    data = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=work))
     port = free_port()
-    command = [sys.executable, str(Path(__file__).resolve()), "serve", "--data-dir", str(data)]
-    command += ["--port", str(port), "--sqlite-synchronous", args.sqlite_synchronous]
+    command = [_python_of(tree), str(tree / "bench" / "ingest.py"), "serve"]
+    command += ["--data-dir", str(data), "--port", str(port)]
+    command += ["--sqlite-synchronous", args.sqlite_synchronous]
     if args.db:
         command += ["--db", args.db, "--schema", f"bench_{os.getpid()}_{port}"]
     if args.no_fsync:
@@ -223,7 +233,7 @@ def run_ours(groups: list[list[Path]], work: Path, args: argparse.Namespace) -> 
         output, _ = server.communicate(timeout=60)
     stats = json.loads(output.strip().splitlines()[-1])
     return Round(
-        "dafne", seconds, sum(map(len, groups)), stats["files"], stats["indexed"], stats["cpu_s"]
+        label, seconds, sum(map(len, groups)), stats["files"], stats["indexed"], stats["cpu_s"]
     )
 
 
@@ -301,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="use pynetdicom's own association loops (for comparison)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="another checkout of this project (e.g. made with `git worktree add`) whose "
+        "receiver also runs in every round, to compare two versions in one run",
+    )
     parser.add_argument("--workdir", type=Path, help="where to put files (default: temp)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -318,9 +335,13 @@ def main(argv: list[str] | None = None) -> int:
             files = generate_files(work / "input", args.count)
         groups = [files[i :: args.associations] for i in range(args.associations)]
         rounds: list[Round] = []
-        steps = tqdm(total=2 * args.rounds, desc="rounds", unit="run")
+        runners = [run_storescp, lambda g, w: run_ours(g, w, args)]
+        if args.baseline:
+            baseline = args.baseline.resolve()
+            runners.append(lambda g, w: run_ours(g, w, args, baseline, "baseline"))
+        steps = tqdm(total=len(runners) * args.rounds, desc="rounds", unit="run")
         for _ in range(args.rounds):
-            for runner in (run_storescp, lambda g, w: run_ours(g, w, args)):
+            for runner in runners:
                 flush = flush_latency_ms(work, samples=7)  # the disk's state varies
                 result = runner(groups, work)
                 result.disk_flush_ms = round(flush, 2)
@@ -331,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ours = [r for r in rounds if r.receiver == "dafne"]
     theirs = [r for r in rounds if r.receiver == "storescp"]
+    base = [r for r in rounds if r.receiver == "baseline"]
     ratios = [o.rate / t.rate for o, t in zip(ours, theirs, strict=True)]
     summary = {
         "images": len(files),
@@ -340,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "dafne_median_per_s": round(statistics.median(r.rate for r in ours), 1),
         "ratio_median": round(statistics.median(ratios), 3),
         "all_stored": all(r.stored == r.images for r in rounds),
-        "all_indexed": all(r.indexed == r.images for r in ours),
+        "all_indexed": all(r.indexed == r.images for r in ours + base),
         "fsync": not args.no_fsync,
         "disk_flush_ms_median": round(statistics.median(r.disk_flush_ms or 0 for r in rounds), 2),
         "index": args.db.split("@")[-1] if args.db else f"sqlite ({args.sqlite_synchronous})",
@@ -358,6 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['dafne_median_per_s']}/s, ratio {summary['ratio_median']} "
         f"(per-round ratios {', '.join(f'{x:.2f}' for x in ratios)})"
     )
+    if base:
+        speedups = [o.rate / b.rate for o, b in zip(ours, base, strict=True)]
+        summary["baseline"] = str(args.baseline)
+        summary["baseline_median_per_s"] = round(statistics.median(r.rate for r in base), 1)
+        summary["speedup_over_baseline_median"] = round(statistics.median(speedups), 3)
+        print(
+            f"baseline {args.baseline}: {summary['baseline_median_per_s']}/s; this checkout "
+            f"is {summary['speedup_over_baseline_median']}x as fast "
+            f"(per round {', '.join(f'{x:.2f}' for x in speedups)})"
+        )
     print(f"all stored: {summary['all_stored']}, all indexed: {summary['all_indexed']}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
