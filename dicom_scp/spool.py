@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 import zlib
 from collections import deque
@@ -45,10 +46,15 @@ _INCOMING = ".incoming"
 _SLOT_SUFFIX = ".slot"
 _KNOWN_DIRS_LIMIT = 100_000
 
-SLOTS_LOW = 128
-"""The keeper creates more slots when fewer than this many are free."""
-SLOTS_BATCH = 256
-"""Slots created (and made durable with one directory fsync) at a time."""
+SLOTS_FREE = 512
+"""Free slots the keeper keeps in stock (about a second of receiving at full speed)."""
+SLOTS_PER_ROUND = 32
+"""Slots the keeper creates (and makes durable with one directory fsync) at a time.
+
+Creating a file can cost a millisecond of kernel time on a file system that recently freed
+many inodes; small rounds spread that work out instead of stalling the receive path with
+bursts of it.
+"""
 KEEPER_INTERVAL_S = 0.2
 """Longest a linked file waits for its directory fsync (bounds the work after a crash)."""
 LINKS_PER_SYNC = 512
@@ -267,7 +273,7 @@ class Spool:
         with contextlib.suppress(OSError):
             os.unlink(staged.slot)
 
-    def prepare(self, count: int = SLOTS_BATCH) -> None:
+    def prepare(self, count: int = SLOTS_FREE) -> None:
         """Make free slots now, so the first files received need no flush of their own.
 
         The keeper makes more whenever they run low; call this once before receiving.
@@ -378,7 +384,7 @@ class Spool:
         with self._lock:
             slot = self._free.popleft() if self._free else None
             self._start_keeper()
-            if len(self._free) < SLOTS_LOW:
+            if len(self._free) < SLOTS_FREE:
                 self._wake.notify()
         if slot is not None:
             try:
@@ -411,20 +417,29 @@ class Spool:
 
     def _keep(self) -> None:
         """Flush final names in batches and keep free slots in stock, until closed."""
+        last_sync = time.monotonic()
         while True:
             with self._lock:
-                if not self._closing and len(self._linked) < LINKS_PER_SYNC and (
-                    len(self._free) >= SLOTS_LOW
-                ):
-                    self._wake.wait(KEEPER_INTERVAL_S)
                 if self._closing:
                     return
-                linked, self._linked = self._linked, []
-                short = len(self._free) < SLOTS_LOW
+                since_sync = time.monotonic() - last_sync
+                sync_due = len(self._linked) >= LINKS_PER_SYNC or (
+                    self._linked and since_sync >= KEEPER_INTERVAL_S
+                )
+                short = len(self._free) < SLOTS_FREE
+                if not (sync_due or short):
+                    wait = KEEPER_INTERVAL_S - since_sync if self._linked else KEEPER_INTERVAL_S
+                    self._wake.wait(max(wait, 0.001))
+                    continue
+                linked: list[tuple[str, str]] = []
+                if sync_due:
+                    linked, self._linked = self._linked, []
             try:
-                self._sync_linked(linked)
+                if linked:
+                    self._sync_linked(linked)
+                    last_sync = time.monotonic()
                 if short:
-                    self._make_slots(SLOTS_BATCH)
+                    self._make_slots(SLOTS_PER_ROUND)
             except OSError as exc:  # e.g. disk full: stage() makes slots on demand then
                 LOGGER.error("spool keeper: %s", exc)
                 self._wake_wait_after_error()

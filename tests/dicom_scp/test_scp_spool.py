@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_scp.spool import SLOTS_LOW, Spool, SpoolError
+from dicom_scp.spool import SLOTS_FREE, Spool, SpoolError
 from dicom_scp.store import StoreRequest, StoreService
 from tests.dicom_scp.helpers import MemoryIndex
 
@@ -71,7 +71,7 @@ def test_slots_are_made_ahead_durably_and_kept_across_restarts(tmp_path: Path) -
     spool.prepare()
     spool.close()
     made = _slots(spool)
-    assert len(made) >= SLOTS_LOW and all(slot.stat().st_size == 0 for slot in made)
+    assert len(made) >= SLOTS_FREE and all(slot.stat().st_size == 0 for slot in made)
     again = Spool(tmp_path / "spool")
     staged = again.stage(again.relative_path("1.2", "1.2.3", "1.2.3.2"), [b"y"])
     assert staged.slot_is_durable and Path(staged.slot) in made
