@@ -12,7 +12,8 @@ Why this exists (measured with py-spy on pynetdicom 3.0.4, see docs/benchmarks.m
   build and encode the response's (twice: once to learn the group length).
 * Beyond that, each C-STORE passes through PDU and primitive objects, the state machine, two
   queues, UID validation and the service class before the handler runs, and back the same
-  way for the response: another ~0.2 ms, a quarter of the node's receive budget.
+  way for the response; in py-spy profiles (GIL held) that bookkeeping was the larger part
+  of the receive path's Python time.
 
 With one association a C-STORE is a strict ping-pong, so these waits are paid once per
 instance and the process sits half idle. The classes below keep pynetdicom's state
