@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.netns import (  # noqa: E402 - path set up above
+from deploy.netns import (  # noqa: E402 - path set up above
     driver_result,
     echoscu,
     emit_result,

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.netns import echoscu, spawn, start_orthanc, wait_for  # noqa: E402
+from deploy.netns import echoscu, spawn, start_orthanc, wait_for  # noqa: E402
 
 BIN = Path(sys.executable).parent
 NODE = str(BIN / "dafne-node")

@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from dafne_node.phantom import make_study
 from dafne_node.phantom.study import write_study
-from tests.integration.netns import netns_unavailable_reason
+from deploy.netns import netns_unavailable_reason
 
 
 @functools.cache

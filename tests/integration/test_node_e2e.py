@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.integration.netns import (
+from deploy.netns import (
     NODE_AET,
     OrthancProcess,
     driver_result,

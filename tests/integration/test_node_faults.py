@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.netns import (
+from deploy.netns import (
     DICOM_ENV,
     LOOPBACK,
     NODE_AET,

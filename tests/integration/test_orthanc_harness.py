@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 
-from tests.integration.netns import (
+from deploy.netns import (
     NODE_AET,
     OrthancProcess,
     driver_result,

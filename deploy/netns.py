@@ -1,4 +1,6 @@
-"""Integration harness: real DICOM peers (Orthanc, dcmtk) inside a private network namespace.
+"""Real DICOM peers (Orthanc, dcmtk) inside a private network namespace.
+
+Used by the demo (``deploy/demo.py``), the latency benchmark and the integration tests.
 
 Why a namespace: Orthanc 1.10 binds its DICOM and HTTP ports on 0.0.0.0 whatever the
 configuration says, and several test runs (and several engineers) share this machine. Each
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_DIR = REPO_ROOT / "deploy" / "orthanc"
 DEPLOY_CONFIG = DEPLOY_DIR / "orthanc.json"
 DEPLOY_LUA = DEPLOY_DIR / "dafne-autoroute.lua"
@@ -96,7 +98,7 @@ def run_in_netns(script: str | Path, args: Sequence[str | Path], timeout: float,
     """Run ``python script args...`` in a new network namespace with loopback up.
 
     The driver runs with this interpreter, the repository root as working directory and on
-    ``PYTHONPATH`` (so it can ``import tests.integration.netns``), in its own session. When it
+    ``PYTHONPATH`` (so it can ``import deploy.netns``), in its own session. When it
     ends, or after ``timeout`` seconds, its whole process group is killed, so an Orthanc or
     storescp left behind by a failing driver never outlives the call. On timeout
     ``subprocess.TimeoutExpired`` is raised with the output captured so far.
@@ -367,7 +369,7 @@ def write_orthanc_config(workdir: Path, settings: OrthancSettings) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DEPLOY_LUA, workdir / DEPLOY_LUA.name)
     lua_settings = (
-        "-- written by tests/integration/netns.py, read before dafne-autoroute.lua\n"
+        "-- written by deploy/netns.py, read before dafne-autoroute.lua\n"
         "DAFNE_MODALITY = 'dafne'\n"
         f"DAFNE_AET = {json.dumps(settings.node_ae)}\n"
         f"DAFNE_ROUTE_CORRECTIONS = {'true' if settings.route_corrections else 'false'}\n")
@@ -478,9 +480,9 @@ class OrthancProcess(ManagedProcess):
         return found
 
 
-def start_orthanc(workdir: Path, dicom_port: int = 4242, http_port: int = 8042,
+def start_orthanc(workdir: Path, *, dicom_port: int = 4242, http_port: int = 8042,
                   node_ae: str = NODE_AET, node_host: str = LOOPBACK, node_port: int = 11112,
-                  stable_age: int = 2, *, scu_timeout: int = 5, route_corrections: bool = False,
+                  stable_age: int = 2, scu_timeout: int = 5, route_corrections: bool = False,
                   overrides: Mapping[str, Any] | None = None,
                   startup_timeout: float = 30.0) -> OrthancProcess:
     """Start Orthanc with the deploy configuration; return once REST and DICOM both answer.
