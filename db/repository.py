@@ -152,8 +152,10 @@ class _Sql:
     machinery costs ~0.7 ms against ~0.05 ms for SQLite itself, and with one association
     that is on the critical path of every C-STORE. The SQL below is the same on SQLite and
     PostgreSQL (both have ``ON CONFLICT DO NOTHING`` and ``RETURNING``); only the parameter
-    marker and the time representation differ. The schema itself is still defined by the
-    ORM models and Alembic; tests run this against both databases.
+    marker and the time representation differ, and on PostgreSQL the instances and their
+    series counters go in one statement (:meth:`add_instances`), because there every
+    statement is a network round trip. The schema itself is still defined by the ORM models
+    and Alembic; tests run this against both databases.
     """
 
     def __init__(self, dialect: str) -> None:
@@ -183,6 +185,34 @@ class _Sql:
     def lookup(self, table: str, key: str, value: str, count: int) -> str:
         """SELECT key, value for ``count`` keys."""
         return f"SELECT {key}, {value} FROM {table} WHERE {key} IN ({self._marks(count)})"
+
+    def add_instances(self, rows: int) -> str:
+        """PostgreSQL: insert instances and add them to their series' counters at once.
+
+        One statement, so with autocommit one round trip and one commit per batch (a
+        transaction of INSERT, UPDATE and COMMIT is four round trips). The counters change
+        as :meth:`update_series` changes them, and only the inserted SOP Instance UIDs are
+        returned, as from the plain INSERT.
+        """
+        receiving = SeriesState.RECEIVING.value
+        insert = self.insert("instances", _INSTANCE_COLUMNS, rows, "sop_instance_uid")
+        return (
+            f"WITH added AS ({insert} "
+            "RETURNING sop_instance_uid, series_id, number_of_frames, size_bytes, received_at), "
+            "totals AS (SELECT series_id, count(*) AS instances, "
+            "sum(coalesce(number_of_frames, 1)) AS frames, sum(size_bytes) AS bytes, "
+            "max(received_at) AS last FROM added GROUP BY series_id), "
+            "counted AS (UPDATE series SET "
+            "num_instances = series.num_instances + totals.instances, "
+            "num_frames = series.num_frames + totals.frames, "
+            "size_bytes = series.size_bytes + totals.bytes, "
+            "last_received_at = GREATEST(series.last_received_at, totals.last), "
+            f"revision = series.revision + CASE WHEN series.state <> '{receiving}' "
+            "THEN 1 ELSE 0 END, "
+            f"state = '{receiving}', state_reason = NULL, completed_at = NULL, "
+            f"updated_at = {self.mark} FROM totals WHERE series.id = totals.series_id) "
+            "SELECT sop_instance_uid FROM added"
+        )
 
     def update_series(self) -> str:
         """Add instances to a series (and reopen it if it was complete or skipped)."""
@@ -302,20 +332,18 @@ def _index(
             _clip(record.called_ae, 16),
             _clip(record.peer_address, 64),
         )
+    now = sql.time(utcnow())
+    if not sql.sqlite:
+        cursor.execute(sql.add_instances(len(first)), [*values, now])
+        inserted = {row[0] for row in cursor.fetchall()}
+        return _results(records, first, inserted, _paths_on_record(cursor, sql, first, inserted))
     cursor.execute(
         sql.insert("instances", _INSTANCE_COLUMNS, len(first), "sop_instance_uid")
         + " RETURNING sop_instance_uid",
         values,
     )
     inserted = {row[0] for row in cursor.fetchall()}
-
-    existing: dict[str, str] = {}
-    duplicates = [uid for uid in first if uid not in inserted]
-    if duplicates:
-        cursor.execute(
-            sql.lookup("instances", "sop_instance_uid", "spool_path", len(duplicates)), duplicates
-        )
-        existing = {uid: path for uid, path in cursor.fetchall()}
+    existing = _paths_on_record(cursor, sql, first, inserted)
 
     totals: dict[int, list[Any]] = {}
     for uid in inserted:
@@ -325,13 +353,33 @@ def _index(
         entry[1] += record.number_of_frames or 1
         entry[2] += record.size_bytes
         entry[3] = max(entry[3], record.received_at)
-    now = sql.time(utcnow())
     for series_id, (count, frames, size, last) in totals.items():
         last_value = sql.time(last)
         cursor.execute(
             sql.update_series(), (count, frames, size, last_value, last_value, now, series_id)
         )
+    return _results(records, first, inserted, existing)
 
+
+def _paths_on_record(
+    cursor: Any, sql: _Sql, first: dict[str, InstanceRecord], inserted: set[str]
+) -> dict[str, str]:
+    """The spool paths already indexed for the records that were not inserted."""
+    duplicates = [uid for uid in first if uid not in inserted]
+    if not duplicates:
+        return {}
+    cursor.execute(
+        sql.lookup("instances", "sop_instance_uid", "spool_path", len(duplicates)), duplicates
+    )
+    return {uid: path for uid, path in cursor.fetchall()}
+
+
+def _results(
+    records: Sequence[InstanceRecord],
+    first: dict[str, InstanceRecord],
+    inserted: set[str],
+    existing: dict[str, str],
+) -> list[IndexResult]:
     results: list[IndexResult] = []
     claimed: set[str] = set()
     for record in records:
@@ -413,11 +461,17 @@ class SqlInstanceIndex:
         try:
             if self._sql.sqlite:
                 cursor.execute("BEGIN IMMEDIATE")
-            results = _index(cursor, self._sql, records, self._series)
-            if self._sql.sqlite:
+                results = _index(cursor, self._sql, records, self._series)
                 cursor.execute("COMMIT")
-            else:
-                raw.commit()
+                return results
+            # Once the series are known, a batch is one statement (Sql.add_instances), so
+            # it runs as its own transaction; a new study or series takes a transaction
+            # of several statements, so that no series row is ever committed empty.
+            raw.driver_connection.autocommit = all(
+                record.series_instance_uid in self._series for record in records
+            )
+            results = _index(cursor, self._sql, records, self._series)
+            raw.commit()
             return results
         except BaseException:
             try:
@@ -467,10 +521,12 @@ class SqlInstanceIndex:
         return found
 
     def close(self) -> None:
-        """Return the connection to the pool."""
+        """Return the connection to the pool (as the pool handed it out: no autocommit)."""
         raw, self._raw = self._raw, None
         if raw is not None:
             try:
+                if not self._sql.sqlite:
+                    raw.driver_connection.autocommit = False
                 raw.close()
             except Exception:
                 LOGGER.debug("closing a broken index connection", exc_info=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select
 
 from db.base import utcnow
 from db.node_models import Instance, Series, SeriesState, Study
@@ -128,3 +128,32 @@ def test_indexed_files_give_what_crash_recovery_checks(engine: Engine) -> None:
     assert found["1.2.3.1.1"].size_bytes == 123
     assert found["1.2.3.1.1"].spool_path == "1.2.3/1.2.3.1/1.2.3.1.1.dcm"
     assert found["1.2.3.1.2"].content_crc32 is None
+
+
+def test_receiver_index_keeps_series_counters_and_reopens_series(engine: Engine) -> None:
+    # the receiver's hot path: a new series takes a transaction, later batches one statement
+    old = utcnow() - timedelta(seconds=60)
+    index = SqlInstanceIndex(engine)
+    try:
+        index.index_batch([record(1, received_at=old)])
+        index.index_batch([record(2, received_at=old, number_of_frames=4, size_bytes=500)])
+        with session_scope(engine) as session:
+            complete_quiet_series(session, quiet_since=utcnow() - timedelta(seconds=10))
+        late = utcnow()
+        results = index.index_batch([record(3, received_at=late), record(2)])
+    finally:
+        index.close()
+    assert [r.duplicate for r in results] == [False, True]
+    with session_scope(engine) as session:
+        series = session.scalars(select(Series)).one()
+        assert (series.num_instances, series.num_frames, series.size_bytes) == (3, 6, 2500)
+        assert series.state is SeriesState.RECEIVING and series.revision == 1
+        assert series.completed_at is None
+        assert abs((series.last_received_at - late).total_seconds()) < 0.001
+        assert count_instances(session) == 3
+    # the pool got its connection back as it handed it out: transactions still roll back
+    with engine.connect() as connection:
+        connection.execute(delete(Instance))
+        connection.rollback()
+    with session_scope(engine) as session:
+        assert count_instances(session) == 3
