@@ -357,8 +357,15 @@ class StoreService:
             ):
                 self.spool.adopt(slot, entry.spool_path)
                 completed += 1
-            else:
-                self.spool.drop(slot)
+                continue
+            self.spool.drop(slot)
+            if entry is not None:
+                LOGGER.warning(
+                    "SOP Instance %s is indexed but its file was not completely written "
+                    "when the node stopped; it was never acknowledged and is stored when "
+                    "its sender sends it again",
+                    uid,
+                )
         recovery = Recovery(completed=completed, discarded=len(leftovers) - completed + legacy)
         if leftovers or legacy:
             LOGGER.info(

@@ -7,6 +7,7 @@ starting a new ``StoreService`` on the same directory, as the node does at start
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import zlib
@@ -172,12 +173,15 @@ def test_slots_of_files_whose_names_survived_are_freed(
     restarted.close()
 
 
-def test_partial_or_unindexed_slots_are_discarded(tmp_path: Path, mr_files: list[Path]) -> None:
+def test_partial_or_unindexed_slots_are_discarded(
+    tmp_path: Path, mr_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
     index = MemoryIndex()
     _received_without_flushing_names(tmp_path / "spool", index, mr_files[:2])
     slots = Spool(tmp_path / "spool").leftovers()
     assert len(slots) == 2
     # the first: indexed, but its flush never finished (half the bytes reached the disk)
+    indexed_but_partial = dcmread(slots[0], stop_before_pixels=True).SOPInstanceUID
     os.truncate(slots[0], slots[0].stat().st_size // 2)
     # the second: flushed, but the crash came before its index commit
     del index.records[dcmread(slots[1], stop_before_pixels=True).SOPInstanceUID]
@@ -185,8 +189,10 @@ def test_partial_or_unindexed_slots_are_discarded(tmp_path: Path, mr_files: list
     (tmp_path / "spool" / ".incoming" / "0123.slot").write_bytes(b"\x00" * 100)
 
     restarted = StoreService(spool=Spool(tmp_path / "spool"), index=index)
-    recovery = restarted.recover()
+    with caplog.at_level(logging.WARNING, logger="dicom_scp"):
+        recovery = restarted.recover()
     assert (recovery.completed, recovery.discarded) == (0, 3)
+    assert f"SOP Instance {indexed_but_partial} is indexed but" in caplog.text
     assert list(restarted.spool.iter_files()) == []
     assert restarted.spool.leftovers() == []
     # the sender still has them and sends again: stored anew under the same names
