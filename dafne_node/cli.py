@@ -427,10 +427,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = _serve_config(args)
     node = Node(config)
-    print(f"Dafne node {config.dicom.ae_title} on port {config.dicom.port}, admin API "
-          f"http://{config.http.host}:{config.http.port}, data in {config.node.data_dir}, "
-          f"model {node.model_info[0]} g{node.model_info[1]}", flush=True)
-    node.run_until_signalled()
+
+    def announce() -> None:
+        print(f"Dafne node {config.dicom.ae_title} on port {config.dicom.port}, admin API "
+              f"http://{config.http.host}:{config.http.port}, data in {config.node.data_dir}, "
+              f"model {node.model_info[0]} g{node.model_info[1]}", flush=True)
+
+    node.run_until_signalled(on_started=announce)
     return EXIT_OK
 
 

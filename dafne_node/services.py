@@ -244,8 +244,8 @@ class Node:
         self.engine.dispose()
         LOGGER.info("node %s stopped", self.worker_id)
 
-    def run_until_signalled(self) -> None:
-        """Start, wait for SIGTERM or SIGINT, stop."""
+    def run_until_signalled(self, on_started: Callable[[], None] | None = None) -> None:
+        """Start, call ``on_started``, wait for SIGTERM or SIGINT, stop."""
         stop = threading.Event()
 
         def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -255,6 +255,8 @@ class Node:
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
         self.start()
+        if on_started is not None:
+            on_started()
         while not stop.wait(1.0):
             pass
         self.stop()

@@ -128,24 +128,35 @@ class StorageServer:
         return self._server is not None
 
     def start(self) -> None:
-        """Recover the spool after a crash, make its free slots and begin listening."""
+        """Claim the spool, recover it after a crash, make free slots and begin listening.
+
+        Raises
+        ------
+        SpoolError
+            If another receiver is using the spool.
+        """
         if self._server is not None:
             raise RuntimeError("StorageServer already started")
-        self.service.recover()
-        self.spool.prepare()
+        self.spool.claim()
+        try:
+            self.service.recover()
+            self.spool.prepare()
+            server = make_server(
+                self._ae,
+                (self.host, self._requested_port),
+                evt_handlers=event_handlers(self.service, self.policy),
+                ssl_context=self._ssl_context,
+                event_driven=self._event_driven,
+                store_handler=direct_store_handler(self.service),
+            )
+        except BaseException:
+            self.spool.close()  # gives up the claim: another attempt may take it
+            raise
         if self.policy.is_open:
             LOGGER.warning(
                 "No calling-AE allow list configured: every caller may store to %s",
                 self.ae_title,
             )
-        server = make_server(
-            self._ae,
-            (self.host, self._requested_port),
-            evt_handlers=event_handlers(self.service, self.policy),
-            ssl_context=self._ssl_context,
-            event_driven=self._event_driven,
-            store_handler=direct_store_handler(self.service),
-        )
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-scp-accept"

@@ -22,6 +22,7 @@ so the same instance received twice lands on the same path and is stored once.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -44,6 +45,7 @@ _SUFFIX = ".dcm"
 _LEGACY_TEMP_SUFFIX = ".tmp"  # temporary files of spools written before slots existed
 _INCOMING = ".incoming"
 _SLOT_SUFFIX = ".slot"
+_CLAIM = ".receiver.lock"
 _KNOWN_DIRS_LIMIT = 100_000
 
 SLOTS_FREE = 512
@@ -141,6 +143,7 @@ class Spool:
         self._wake = threading.Condition(self._lock)
         self._keeper: threading.Thread | None = None
         self._closing = False
+        self._claim: int | None = None
         self._free.extend(self._empty_slots())
 
     # -- paths -------------------------------------------------------------------------
@@ -273,6 +276,37 @@ class Spool:
         with contextlib.suppress(OSError):
             os.unlink(staged.slot)
 
+    def claim(self) -> None:
+        """Take the spool for this process's receiver; fail if another receiver has it.
+
+        Why: recovery removes what a stopped receiver left in the slots, which would
+        destroy the files of a running one, and two receivers would hand out the same free
+        slots. The claim is an ``flock``: it ends with :meth:`close` or with the process,
+        however that ends.
+
+        Raises
+        ------
+        SpoolError
+            If another process holds the spool (its process ID is in the message).
+        """
+        if self._claim is not None:
+            return
+        fd = os.open(
+            os.path.join(self._incoming, _CLAIM), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolError(
+                f"spool {self.root} is in use by another receiver (process {holder}); "
+                "stop that one or give this one its own data folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._claim = fd
+
     def prepare(self, count: int = SLOTS_FREE) -> None:
         """Make free slots now, so the first files received need no flush of their own.
 
@@ -290,7 +324,7 @@ class Spool:
         self._sync_linked(linked)
 
     def close(self) -> None:
-        """Stop the keeper thread and flush (a later :meth:`stage` starts it again)."""
+        """Stop the keeper thread, flush and give up the claim (:meth:`stage` still works)."""
         with self._lock:
             keeper, self._keeper = self._keeper, None
             self._closing = True
@@ -300,6 +334,9 @@ class Spool:
         with self._lock:
             self._closing = False
         self.flush()
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            os.close(claim)
 
     # -- after a crash -------------------------------------------------------------------
 

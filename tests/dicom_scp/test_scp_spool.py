@@ -18,7 +18,7 @@ from pydicom import dcmread
 
 from dicom_scp.spool import SLOTS_FREE, Spool, SpoolError
 from dicom_scp.store import StoreRequest, StoreService
-from tests.dicom_scp.helpers import MemoryIndex
+from tests.dicom_scp.helpers import MemoryIndex, ServerFactory
 
 
 def _slots(spool: Spool) -> list[Path]:
@@ -232,3 +232,14 @@ def test_keeper_flushes_final_names_and_frees_slots_by_itself(tmp_path: Path) ->
     assert spool.leftovers() == []
     assert spool.path(relative).read_bytes() == b"data"
     spool.close()
+
+
+def test_a_spool_serves_one_receiver_at_a_time(scp: ServerFactory, tmp_path: Path) -> None:
+    # a second node started on the same data folder must not recover (delete) the first
+    # one's files in flight, nor share its free slots
+    first = scp(spool=Spool(tmp_path / "shared"))
+    with pytest.raises(SpoolError, match=rf"in use by another receiver \(process {os.getpid()}\)"):
+        scp(spool=Spool(tmp_path / "shared"))
+    first.stop()
+    second = scp(spool=Spool(tmp_path / "shared"))
+    assert second.running
