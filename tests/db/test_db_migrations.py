@@ -70,3 +70,31 @@ def test_sqlite_pragmas(sqlite_engine: Engine) -> None:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
         connection.execute(text("SELECT 1"))
+
+
+def test_instances_received_before_the_crc32_column_survive_the_upgrade(tmp_path: Path) -> None:
+    engine = make_engine(tmp_path / "old.db")
+    try:
+        assert upgrade(engine, "0001_node") == "0001_node"
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO studies (id, study_instance_uid, created_at, updated_at) "
+                "VALUES (1, '1.2', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"))
+            connection.execute(text(
+                "INSERT INTO series (id, study_id, series_instance_uid, state, revision, "
+                "num_instances, num_frames, size_bytes, first_received_at, last_received_at, "
+                "created_at, updated_at) VALUES (1, 1, '1.2.3', 'receiving', 0, 1, 1, 10, "
+                "'2026-01-01 00:00:00', '2026-01-01 00:00:00', '2026-01-01 00:00:00', "
+                "'2026-01-01 00:00:00')"))
+            connection.execute(text(
+                "INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, "
+                "transfer_syntax_uid, spool_path, size_bytes, received_at) VALUES "
+                "(1, '1.2.3.4', '1.2.840.10008.5.1.4.1.1.4', '1.2.840.10008.1.2.1', "
+                "'1.2/1.2.3/1.2.3.4.dcm', 10, '2026-01-01 00:00:00')"))
+        assert upgrade(engine) == head_revision()
+        with engine.connect() as connection:
+            row = connection.execute(text(
+                "SELECT sop_instance_uid, size_bytes, content_crc32 FROM instances")).one()
+        assert tuple(row) == ("1.2.3.4", 10, None)
+    finally:
+        engine.dispose()
