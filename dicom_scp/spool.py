@@ -480,6 +480,9 @@ class Spool:
             except OSError as exc:  # e.g. disk full: stage() makes slots on demand then
                 LOGGER.error("spool keeper: %s", exc)
                 self._wake_wait_after_error()
+            except Exception:  # a bug: keep keeping, the receive path depends on it
+                LOGGER.exception("spool keeper failed; retrying in a second")
+                self._wake_wait_after_error()
 
     def _wake_wait_after_error(self) -> None:
         with self._lock:
