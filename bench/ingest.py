@@ -10,6 +10,7 @@ both. At the end every instance is checked: all stored, all indexed, none lost.
 Examples::
 
     .venv/bin/python bench/ingest.py                        # 500 MR 256x256, 1 association
+    .venv/bin/python bench/ingest.py --node                 # into `dafne-node serve` itself
     .venv/bin/python bench/ingest.py --associations 4 --count 1000   # 4 x 250 concurrently
     .venv/bin/python bench/ingest.py --db postgresql+psycopg://postgres@127.0.0.1/test
     git worktree add /tmp/before HEAD~3 && .venv/bin/python bench/ingest.py --baseline /tmp/before
@@ -237,6 +238,43 @@ def run_ours(
     )
 
 
+def _process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a running process, from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_node(groups: list[list[Path]], work: Path, args: argparse.Namespace) -> Round:
+    """The whole node, ``dafne-node serve`` on its defaults, as a hospital runs it.
+
+    Unlike ``run_ours`` it runs everything else the node runs beside the receiver (series
+    assembler, segmentation worker, outbox, admin API), so it shows what they cost.
+    """
+    data = Path(tempfile.mkdtemp(prefix="node-", dir=work))
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("dafne-node")), "serve", "--data-dir",
+               str(data), "--port", str(port), "--http-port", str(free_port())]
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        ready = server.stdout.readline() if server.stdout else ""
+        if not ready.startswith("Dafne node"):
+            raise RuntimeError(f"dafne-node serve did not start: {ready!r}")
+        before = _process_cpu_s(server.pid)
+        seconds = push(groups, OUR_AE, port)
+        cpu = _process_cpu_s(server.pid) - before
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=60)
+    engine = make_engine(data / "dafne.db")
+    with session_scope(engine) as session:
+        indexed = count_instances(session)
+    engine.dispose()
+    stored = sum(1 for _ in Spool(data / "spool").iter_files())
+    return Round("node", seconds, sum(map(len, groups)), stored, indexed, cpu)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Child process: our receiver on its own, as the node runs it."""
     logging.basicConfig(level=logging.ERROR)
@@ -312,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         help="use pynetdicom's own association loops (for comparison)",
     )
     parser.add_argument(
+        "--node",
+        action="store_true",
+        help="push into the whole node (`dafne-node serve` on its defaults) instead of its "
+        "receiver alone",
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         metavar="CHECKOUT",
@@ -323,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.node and (args.db or args.no_fsync or args.stock_pynetdicom):
+        parser.error("--node runs the node on its defaults; --db, --no-fsync and "
+                     "--stock-pynetdicom apply to the receiver alone")
 
     for tool in (STORESCU, STORESCP):
         if not Path(tool).exists():
@@ -335,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             files = generate_files(work / "input", args.count)
         groups = [files[i :: args.associations] for i in range(args.associations)]
         rounds: list[Round] = []
-        runners = [run_storescp, lambda g, w: run_ours(g, w, args)]
+        ours = (lambda g, w: run_node(g, w, args)) if args.node else (
+            lambda g, w: run_ours(g, w, args))
+        runners = [run_storescp, ours]
         if args.baseline:
             baseline = args.baseline.resolve()
             runners.append(lambda g, w: run_ours(g, w, args, baseline, "baseline"))
@@ -350,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps.update()
         steps.close()
 
-    ours = [r for r in rounds if r.receiver == "dafne"]
+    ours = [r for r in rounds if r.receiver in ("dafne", "node")]
     theirs = [r for r in rounds if r.receiver == "storescp"]
     base = [r for r in rounds if r.receiver == "baseline"]
     ratios = [o.rate / t.rate for o, t in zip(ours, theirs, strict=True)]
