@@ -41,6 +41,11 @@ def dcmtk(
     )
 
 
+def data_set_offset(raw: bytes) -> int:
+    """Where the data set starts in a Part 10 file: after preamble, ``DICM`` and meta group."""
+    return 144 + int.from_bytes(raw[140:144], "little")
+
+
 def make_mr(
     folder: Path,
     count: int,

@@ -18,7 +18,13 @@ from db.node_models import Instance, Series
 from db.session import session_scope
 from dicom_scp.policy import AllowedCaller, CallerPolicy, DiskWatermark
 from dicom_scp.sender import AssociationError, echo, parse_destination, send_files
-from tests.dicom_scp.helpers import MemoryIndex, ServerFactory, dcmtk, make_mr
+from tests.dicom_scp.helpers import (
+    MemoryIndex,
+    ServerFactory,
+    data_set_offset,
+    dcmtk,
+    make_mr,
+)
 
 
 def _stored(server_spool: Path) -> list[Path]:
@@ -70,7 +76,7 @@ def test_storescu_lands_in_spool_and_index(
 def _data_set(path: Path) -> bytes:
     """The bytes of a Part 10 file after its File Meta Information."""
     raw = path.read_bytes()
-    return raw[144 + int.from_bytes(raw[140:144], "little") :]
+    return raw[data_set_offset(raw) :]
 
 
 @pytest.mark.parametrize("event_driven", [True, False], ids=["event-driven", "stock-pynetdicom"])

@@ -22,6 +22,7 @@ from pydicom.uid import (
 
 from dicom_scp.header import HeaderError, parse_header
 from tests.cli.test_segment_cli import real_world_files
+from tests.dicom_scp.helpers import data_set_offset
 
 _META_TRANSFER_SYNTAX = b"\x02\x00\x10\x00UI"
 
@@ -31,7 +32,7 @@ def _dataset_bytes(path: Path) -> tuple[bytes, str] | None:
     raw = path.read_bytes()
     if raw[128:132] != b"DICM":
         return None
-    start = 144 + struct.unpack_from("<I", raw, 140)[0]
+    start = data_set_offset(raw)
     meta = raw[132:start]
     at = meta.find(_META_TRANSFER_SYNTAX)
     if at < 0:

@@ -26,7 +26,7 @@ from pynetdicom.presentation import build_context
 
 from dicom_scp.ae import DEFAULT_MAX_PDU
 from dicom_scp.policy import DiskWatermark
-from tests.dicom_scp.helpers import MemoryIndex, ServerFactory
+from tests.dicom_scp.helpers import MemoryIndex, ServerFactory, data_set_offset
 
 RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
 
@@ -78,7 +78,7 @@ def test_bad_data_sets_fail_alone(
     del no_series.SeriesInstanceUID
     mislabelled = tmp_path / "mislabelled.dcm"  # CT data set in an MR C-STORE
     raw = mr_files[2].read_bytes()
-    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    meta_end = data_set_offset(raw)
     body = raw[meta_end:].replace(b"1.2.840.10008.5.1.4.1.1.4\0", b"1.2.840.10008.5.1.4.1.1.2\0")
     mislabelled.write_bytes(raw[:meta_end] + body)
     garbage = tmp_path / "garbage.dcm"

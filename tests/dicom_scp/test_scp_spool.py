@@ -18,7 +18,7 @@ from pydicom import dcmread
 
 from dicom_scp.spool import SLOTS_FREE, Spool, SpoolError
 from dicom_scp.store import StoreRequest, StoreService
-from tests.dicom_scp.helpers import MemoryIndex, ServerFactory
+from tests.dicom_scp.helpers import MemoryIndex, ServerFactory, data_set_offset
 
 
 def _slots(spool: Spool) -> list[Path]:
@@ -109,7 +109,7 @@ def test_legacy_temporary_files_are_removed(tmp_path: Path) -> None:
 
 def _request(path: Path) -> StoreRequest:
     raw = path.read_bytes()
-    dataset = raw[144 + int.from_bytes(raw[140:144], "little") :]
+    dataset = raw[data_set_offset(raw) :]
     ds = dcmread(path, stop_before_pixels=True)
     return StoreRequest(
         sop_class_uid=ds.SOPClassUID,
