@@ -19,8 +19,8 @@ from pynetdicom.events import Event
 
 from dicom_scp.codec import StoreRequestCommand
 from dicom_scp.policy import CallerPolicy
-from dicom_scp.reactor import DirectStoreHandler
-from dicom_scp.store import STATUS_BAD_DATASET, StoreRequest, StoreService
+from dicom_scp.reactor.direct import DirectStoreHandler
+from dicom_scp.store import STATUS_BAD_DATASET, StoreRequest, StoreService, error_comment
 
 __all__ = [
     "direct_store_handler",
@@ -36,11 +36,6 @@ LOGGER = logging.getLogger(__name__)
 _REJECT_PERMANENT = 0x01
 _SOURCE_SERVICE_USER = 0x01
 _CALLING_AE_NOT_RECOGNISED = 0x03
-
-
-def _comment(text: str) -> str:
-    """An Error Comment value: printable ASCII without backslashes, at most 64 characters."""
-    return "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in text)[:64]
 
 
 def _peer(event: Event) -> tuple[str, str | None]:
@@ -62,10 +57,16 @@ def store_status(service: StoreService, request: StoreRequest) -> tuple[int, str
     try:
         result = service.store(request)
     except Exception as exc:  # a bug must not take the association down
-        LOGGER.exception(
-            "C-STORE from %s@%s failed unexpectedly", request.calling_ae, request.peer_address
+        LOGGER.error(
+            "C-STORE %s from %s@%s failed unexpectedly: %s: %s",
+            request.sop_instance_uid,
+            request.calling_ae,
+            request.peer_address,
+            type(exc).__name__,
+            exc,
         )
-        return STATUS_BAD_DATASET, _comment(f"internal error: {type(exc).__name__}")
+        LOGGER.debug("the failure in detail", exc_info=exc)
+        return STATUS_BAD_DATASET, error_comment("internal error", type(exc).__name__)
     if result.ok:
         if result.duplicate:
             LOGGER.info(
@@ -83,7 +84,7 @@ def store_status(service: StoreService, request: StoreRequest) -> tuple[int, str
         result.status,
         result.reason,
     )
-    return result.status, _comment(result.reason or "")
+    return result.status, result.error_comment
 
 
 def handle_store(event: Event, service: StoreService) -> int | Dataset:

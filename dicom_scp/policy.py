@@ -51,6 +51,17 @@ def _networks(host: str) -> list[_Network]:
     return [ipaddress.ip_network(str(info[4][0])) for info in infos]
 
 
+def _parse_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in ``text`` (IPv4-mapped IPv6 as IPv4), ``None`` if it is not one."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
 class CallerPolicy:
     """The calling-AE allow list (optionally with addresses).
 
@@ -77,6 +88,31 @@ class CallerPolicy:
         """True when no allow list is configured (every caller is accepted)."""
         return not self._rules
 
+    @property
+    def restricts_addresses(self) -> bool:
+        """True when every entry names addresses: other addresses can be refused at accept."""
+        return bool(self._rules) and all(
+            networks is not None for rules in self._rules.values() for networks in rules
+        )
+
+    def check_address(self, peer_address: str) -> str | None:
+        """Return why no caller at ``peer_address`` can be allowed, or ``None``.
+
+        Why: a connection from an address that no entry allows is closed at accept,
+        before it costs an association thread or a slot; the AE title is checked once
+        the association request arrives (:meth:`check`).
+        """
+        if not self.restricts_addresses:
+            return None
+        address = _parse_address(peer_address)
+        if address is None:
+            return f"unparsable address {peer_address!r}"
+        for rules in self._rules.values():
+            for networks in rules:
+                if any(address in network for network in networks or ()):
+                    return None
+        return f"address {address} is not in the allow list"
+
     def check(self, calling_ae: str, peer_address: str | None) -> str | None:
         """Return why ``calling_ae`` at ``peer_address`` is refused, or ``None`` if allowed."""
         if not self._rules:
@@ -87,12 +123,9 @@ class CallerPolicy:
             return f"calling AE title {title!r} is not in the allow list"
         if any(networks is None for networks in rules):
             return None
-        try:
-            address = ipaddress.ip_address(peer_address or "")
-        except ValueError:
+        address = _parse_address(peer_address or "")
+        if address is None:
             return f"calling AE title {title!r} from unparsable address {peer_address!r}"
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         for networks in rules:
             if any(address in network for network in networks or ()):
                 return None

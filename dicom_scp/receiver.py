@@ -22,12 +22,11 @@ import time
 from collections.abc import Iterable
 from types import TracebackType
 
-from pynetdicom.transport import ThreadedAssociationServer
-
+from dicom_scp.admission import AdmissionLimits
 from dicom_scp.ae import DEFAULT_MAX_PDU, build_ae, storage_contexts
 from dicom_scp.handlers import direct_store_handler, event_handlers
 from dicom_scp.policy import CallerPolicy, DiskWatermark
-from dicom_scp.reactor import make_server
+from dicom_scp.reactor import DEFAULT_MAX_DATASET_BYTES, StorageAssociationServer, make_server
 from dicom_scp.spool import Spool
 from dicom_scp.store import InstanceIndex, StoreService
 
@@ -65,9 +64,17 @@ class StorageServer:
         Accept DICOM over TLS.
     event_driven : bool, optional
         Force (``True``) or avoid (``False``) the event-driven association loops of
-        :mod:`dicom_scp.reactor`; by default used when the pynetdicom version is supported.
+        :mod:`dicom_scp.reactor`; by default used when the installed pynetdicom is the
+        one they mirror (:mod:`dicom_scp.reactor.contract`).
     index_timeout_s : float
         How long a C-STORE waits for its index commit.
+    admission : AdmissionLimits, optional
+        How long a connection may take to send its association request (5 s), and how
+        many may wait from one address (8) and in all (512).
+    max_instance_bytes : int
+        Largest instance accepted (as received, and inflated for Deflated Explicit VR
+        Little Endian); larger ones are refused with 0xA700. It bounds the memory each
+        association can take.
     """
 
     def __init__(
@@ -90,14 +97,22 @@ class StorageServer:
         ssl_context: ssl.SSLContext | None = None,
         event_driven: bool | None = None,
         index_timeout_s: float = 30.0,
+        admission: AdmissionLimits | None = None,
+        max_instance_bytes: int = DEFAULT_MAX_DATASET_BYTES,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
         self._requested_port = port
         self.spool = spool
         self.policy = policy or CallerPolicy()
+        self.admission = admission or AdmissionLimits()
+        self.max_instance_bytes = max_instance_bytes
         self.service = StoreService(
-            spool=spool, index=index, watermark=watermark, index_timeout_s=index_timeout_s
+            spool=spool,
+            index=index,
+            watermark=watermark,
+            index_timeout_s=index_timeout_s,
+            max_instance_bytes=max_instance_bytes,
         )
         self._ae = build_ae(
             ae_title,
@@ -112,7 +127,7 @@ class StorageServer:
         )
         self._ssl_context = ssl_context
         self._event_driven = event_driven
-        self._server: ThreadedAssociationServer | None = None
+        self._server: StorageAssociationServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -148,6 +163,9 @@ class StorageServer:
                 ssl_context=self._ssl_context,
                 event_driven=self._event_driven,
                 store_handler=direct_store_handler(self.service),
+                max_dataset_bytes=self.max_instance_bytes,
+                admission=self.admission,
+                address_check=self.policy.check_address,
             )
         except BaseException:
             self.spool.close()  # gives up the claim: another attempt may take it
@@ -168,6 +186,11 @@ class StorageServer:
     def active_associations(self) -> int:
         """How many associations are being served right now."""
         return sum(1 for assoc in self._ae.active_associations if assoc.is_acceptor)
+
+    def waiting_connections(self) -> int:
+        """How many connections are waiting for their association request (admission)."""
+        server = self._server
+        return 0 if server is None else server.admission.pending()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, wait up to ``timeout`` for running associations, then abort them.

@@ -15,12 +15,17 @@ log line with the reason:
 
 ======  ==============================================================
 0x0000  stored (also for an instance already stored: stored once)
-0xA700  out of resources: free disk below the watermark, or disk full
+0xA700  out of resources: free disk below the watermark, disk full, or the
+        instance larger than the node's maximum instance size
 0xA701  out of resources: the spool could not be written (I/O error)
 0xA702  out of resources: the index (database) could not be written
 0xA900  data set does not match the SOP class of the request
 0xC000  cannot understand: undecodable data set or missing UIDs
 ======  ==============================================================
+
+An Error Comment (LO, at most 64 characters) leads with the reason, whole; details such
+as the exception follow only as far as they fit (:func:`error_comment`). The log line has
+everything.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ __all__ = [
     "StoreRequest",
     "StoreResult",
     "StoreService",
+    "error_comment",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -260,18 +266,65 @@ class Recovery:
     """Files never acknowledged (not indexed, or not completely written): removed."""
 
 
+ERROR_COMMENT_LENGTH = 64
+"""An Error Comment is an LO: at most 64 characters (PS3.5 §6.2)."""
+
+
+def error_comment(reason: str, detail: str | None = None) -> str:
+    """An Error Comment that leads with ``reason``, whole, and adds ``detail`` where it fits.
+
+    Why: senders show the Error Comment to the person at the modality; a comment filled
+    with a path or a UID before the cause ("No space left on device") tells them nothing.
+    Characters an LO may not hold (backslash, control characters) become ``?``.
+
+    Raises
+    ------
+    ValueError
+        If ``reason`` itself is longer than an Error Comment may be (a programming error:
+        reasons are short fixed phrases).
+    """
+    reason = _lo_text(reason)
+    if len(reason) > ERROR_COMMENT_LENGTH:
+        raise ValueError(f"Error Comment reason longer than 64 characters: {reason!r}")
+    if not detail:
+        return reason
+    room = ERROR_COMMENT_LENGTH - len(reason) - 2
+    detail = _lo_text(detail)
+    if room < 4:
+        return reason
+    if len(detail) > room:
+        detail = detail[: room - 3].rstrip() + "..."
+    return f"{reason}: {detail}"
+
+
+def _lo_text(text: str) -> str:
+    return "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in text).strip()
+
+
 @dataclass(frozen=True, slots=True)
 class StoreResult:
-    """The answer for one C-STORE: a DIMSE status and, for failures, the reason."""
+    """The answer for one C-STORE: a DIMSE status and, for failures, why.
+
+    ``reason`` is the whole explanation, for the log; ``comment`` what the sender is told
+    (:func:`error_comment`), the reason by default.
+    """
 
     status: int
     reason: str | None = None
     duplicate: bool = False
+    comment: str | None = None
 
     @property
     def ok(self) -> bool:
         """True for success."""
         return self.status == STATUS_SUCCESS
+
+    @property
+    def error_comment(self) -> str | None:
+        """The Error Comment to answer with (``None`` on success)."""
+        if self.ok:
+            return None
+        return self.comment or error_comment(self.reason or "refused")
 
 
 class StoreService:
@@ -289,6 +342,9 @@ class StoreService:
         How long a C-STORE waits for its commit before failing with 0xA702.
     max_batch : int
         Most instances per index transaction.
+    max_instance_bytes : int
+        Largest instance accepted; for Deflated Explicit VR Little Endian, its inflated
+        size (counted as it streams, never held in memory) must be within it too.
     """
 
     def __init__(
@@ -299,8 +355,10 @@ class StoreService:
         watermark: DiskWatermark | None = None,
         index_timeout_s: float = 30.0,
         max_batch: int = 256,
+        max_instance_bytes: int = 256 * 2**20,
     ) -> None:
         self.spool = spool
+        self.max_instance_bytes = max_instance_bytes
         self.index = index
         self.watermark = watermark
         self.index_timeout_s = index_timeout_s
@@ -393,23 +451,33 @@ class StoreService:
         if self.watermark is not None:
             reason = self.watermark.check(size)
             if reason:
-                return StoreResult(STATUS_DISK_FULL, reason)
+                return StoreResult(
+                    STATUS_DISK_FULL,
+                    reason,
+                    comment=error_comment("free disk space below the watermark"),
+                )
 
         try:
             header = parse_header(request.dataset, request.transfer_syntax_uid)
         except HeaderError as exc:
-            return StoreResult(STATUS_BAD_DATASET, str(exc))
+            return StoreResult(
+                STATUS_BAD_DATASET,
+                str(exc),
+                comment=error_comment("cannot parse data set", _detail(str(exc))),
+            )
         if header.sop_class_uid != request.sop_class_uid:
             return StoreResult(
                 STATUS_SOP_CLASS_MISMATCH,
                 f"data set SOP Class {header.sop_class_uid} differs from the request's "
                 f"{request.sop_class_uid}",
+                comment=error_comment("SOP Class of data set differs from request"),
             )
         if header.sop_instance_uid != request.sop_instance_uid:
             return StoreResult(
                 STATUS_BAD_DATASET,
                 f"data set SOP Instance UID {header.sop_instance_uid} differs from the "
                 f"request's {request.sop_instance_uid}",
+                comment=error_comment("SOP Instance UID of data set differs from request"),
             )
 
         relative = self.spool.relative_path(
@@ -429,7 +497,12 @@ class StoreService:
                 staged = self.spool.stage(relative, (meta, request.dataset))
             except SpoolError as exc:
                 status = STATUS_DISK_FULL if exc.errno == errno.ENOSPC else STATUS_SPOOL_FAILED
-                return StoreResult(status, f"spool write failed: {exc.strerror}")
+                cause = exc.strerror or type(exc).__name__
+                return StoreResult(
+                    status,
+                    f"spool write failed: {exc}",
+                    comment=error_comment(cause, "spool write failed"),
+                )
             size, crc = staged.size, staged.crc32
             with self._staged_lock:
                 previous = self._staged.pop(relative, None)
@@ -444,10 +517,20 @@ class StoreService:
         try:
             result = self._committer.commit(record, self.index_timeout_s)
         except CommitTimeoutError:
-            return StoreResult(STATUS_INDEX_FAILED, "index write timed out")
+            return StoreResult(
+                STATUS_INDEX_FAILED,
+                f"index write timed out after {self.index_timeout_s:g} s",
+                comment=error_comment("index write timed out", "database busy or down"),
+            )
         except Exception as exc:
-            LOGGER.exception("indexing %s failed", request.sop_instance_uid)
-            return StoreResult(STATUS_INDEX_FAILED, f"index write failed: {type(exc).__name__}")
+            LOGGER.warning(
+                "indexing %s failed: %s: %s", request.sop_instance_uid, type(exc).__name__, exc
+            )
+            return StoreResult(
+                STATUS_INDEX_FAILED,
+                f"index write failed: {type(exc).__name__}: {exc}",
+                comment=error_comment("index write failed", type(exc).__name__),
+            )
 
         if result.duplicate and wrote and result.spool_path != relative:
             # same SOP Instance UID filed under another study/series: keep the first copy
@@ -462,6 +545,14 @@ class StoreService:
             except OSError as exc:
                 LOGGER.warning("cannot remove %s: %s", relative, exc)
         return StoreResult(STATUS_SUCCESS, duplicate=result.duplicate)
+
+
+def _detail(message: str) -> str:
+    """A header error's message without the prefix the comment's reason already says."""
+    for prefix in ("cannot parse dataset: ", "cannot read dataset attributes: "):
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
 
 
 def _sop_instance_uid(path: Path) -> str | None:
