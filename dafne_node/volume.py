@@ -5,7 +5,9 @@ series, non-image objects, compressed or big-endian transfer syntaxes, broken
 files. This module sorts files into series, says in one line per file why a file
 cannot be used, and turns a usable series into a volume with its geometry. A
 series with any unusable image is refused as a whole: a SEG over part of a
-series would look complete to a radiologist and is worse than none.
+series would look complete to a radiologist and is worse than none. Every
+image's header is checked (:mod:`dafne_node.pixels`), and the series' size, before
+the first image is decoded.
 """
 
 from __future__ import annotations
@@ -21,13 +23,29 @@ from pydicom import Dataset, FileMetaDataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
 
+from dafne_node.pixels import (
+    MAX_IMAGE_VOXELS,
+    PixelDataError,
+    PixelLayout,
+    decode,
+    one_line,
+    read_layout,
+)
+
 LOGGER = logging.getLogger(__name__)
+
+MAX_SERIES_VOXELS = MAX_IMAGE_VOXELS
+"""Most voxels in one series: as many single-frame images as one multi-frame image may
+hold (1 GiB as float32, e.g. 1024 slices of 512x512)."""
 
 IMAGE_SOP_CLASSES: dict[str, str] = {
     MRImageStorage: "MR",
     EnhancedMRImageStorage: "MR",
 }
 """SOP classes the models read, with the modality each belongs to."""
+
+MULTIFRAME_SOP_CLASSES = frozenset({EnhancedMRImageStorage})
+"""Those of :data:`IMAGE_SOP_CLASSES` whose images hold several frames."""
 
 
 class InputError(ValueError):
@@ -141,19 +159,20 @@ def read_series(files: Iterable[Path]) -> tuple[list[SeriesFiles], list[Refusal]
     refusals: list[Refusal] = []
     for path in files:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 dataset = dcmread(path, defer_size="4 KB")
         except InvalidDicomError:
             refusals.append(Refusal(path, "not a DICOM file (no DICOM preamble or file meta)"))
             continue
         except Exception as exc:  # any parse failure is the file's fault
-            refusals.append(Refusal(path, f"unreadable DICOM ({type(exc).__name__}: {exc})"))
+            refusals.append(Refusal(path, f"unreadable DICOM ({type(exc).__name__}: "
+                                          f"{one_line(exc)})"))
             continue
         series_uid = dataset.get("SeriesInstanceUID")
         sop_uid = dataset.get("SOPInstanceUID")
         if not series_uid or not sop_uid or "SOPClassUID" not in dataset:
-            refusals.append(Refusal(path, "missing SOP Class, SOP Instance or Series Instance UID"))
+            refusals.append(Refusal(path, _why_no_uids(caught)))
             continue
         if sop_uid in seen_instances:
             refusals.append(Refusal(path, f"duplicate of instance {sop_uid} already read"))
@@ -165,6 +184,16 @@ def read_series(files: Iterable[Path]) -> tuple[list[SeriesFiles], list[Refusal]
         for uid, members in grouped.items()
     ]
     return series, refusals
+
+
+def _why_no_uids(caught: Sequence[warnings.WarningMessage]) -> str:
+    # pydicom returns an empty data set, with only a warning, for a file that ends
+    # inside an element of undefined length (compressed pixel data cut short).
+    for warning in caught:
+        if str(warning.message).startswith("End of file reached"):
+            return ("truncated: the file ends inside an element of undefined length "
+                    "(encapsulated Pixel Data or a sequence), so no data set could be read")
+    return "missing SOP Class, SOP Instance or Series Instance UID"
 
 
 def why_not_segmentable(series: SeriesFiles, modality: str) -> str | None:
@@ -190,41 +219,49 @@ def load_volume(series: SeriesFiles) -> ImageVolume:
     ------
     InputError
         Naming the first file whose pixels cannot be decoded or whose geometry
-        does not fit the rest of the series.
+        does not fit the rest of the series, or saying that the series is larger
+        than :data:`MAX_SERIES_VOXELS`. Headers are checked before anything is
+        decoded.
     """
+    layouts = [_layout(path, ds) for path, ds in zip(series.paths, series.datasets, strict=True)]
+    voxels = sum(layout.voxels for layout in layouts)
+    if voxels > MAX_SERIES_VOXELS:
+        raise InputError(f"{series.paths[0]}: {series.description} has {voxels:,} voxels; the "
+                         f"node segments at most {MAX_SERIES_VOXELS:,} in a series")
     if series.first.SOPClassUID == EnhancedMRImageStorage:
         if len(series.datasets) != 1:
             raise InputError(
                 f"{series.paths[1]}: more than one enhanced multi-frame image in one series"
             )
-        return _load_multiframe(series.paths[0], series.datasets[0])
-    return _load_single_frames(series)
+        return _load_multiframe(series.paths[0], series.datasets[0], layouts[0])
+    return _load_single_frames(series, layouts)
 
 
-def _load_single_frames(series: SeriesFiles) -> ImageVolume:
+def _load_single_frames(series: SeriesFiles, layouts: Sequence[PixelLayout]) -> ImageVolume:
     first = series.first
     orientation = _orientation(series.paths[0], first)
     normal = np.cross(orientation[:3], orientation[3:])
-    keyed: list[tuple[float, Path, Dataset]] = []
-    for path, ds in zip(series.paths, series.datasets, strict=True):
+    keyed: list[tuple[float, Path, Dataset, PixelLayout]] = []
+    for path, ds, layout in zip(series.paths, series.datasets, layouts, strict=True):
         _check_same_grid(path, ds, first, orientation)
-        keyed.append((float(np.dot(_position(path, ds), normal)), path, ds))
+        keyed.append((float(np.dot(_position(path, ds), normal)), path, ds, layout))
     keyed.sort(key=lambda item: item[0])
-    positions = np.array([key for key, _, _ in keyed])
+    positions = np.array([item[0] for item in keyed])
     if len(positions) > 1 and np.min(np.diff(positions)) < 1e-3:
         index = int(np.argmin(np.diff(positions))) + 1
         raise InputError(f"{keyed[index][1]}: two images at the same slice position")
-    slices = [_decode(path, ds) for _, path, ds in keyed]
-    pixels = np.stack(slices)
+    pixels = np.empty((len(keyed), layouts[0].rows, layouts[0].columns), dtype=np.float32)
+    for index, (_, path, ds, layout) in enumerate(keyed):
+        pixels[index] = _decode(path, ds, layout)
     return ImageVolume(
         pixels=pixels,
         pixel_spacing=_pixel_spacing(series.paths[0], first),
         slice_spacing=_slice_spacing(positions, first),
-        sources=tuple(_without_pixels(ds) for _, _, ds in keyed),
+        sources=tuple(_without_pixels(item[2]) for item in keyed),
     )
 
 
-def _load_multiframe(path: Path, ds: Dataset) -> ImageVolume:
+def _load_multiframe(path: Path, ds: Dataset, layout: PixelLayout) -> ImageVolume:
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
     try:
@@ -238,9 +275,12 @@ def _load_multiframe(path: Path, ds: Dataset) -> ImageVolume:
         ]
     except (AttributeError, IndexError) as exc:
         raise InputError(f"{path}: multi-frame image lacks plane geometry ({exc})") from exc
+    if len(positions_xyz) != layout.frames:
+        raise InputError(f"{_where(path, ds)}: {len(positions_xyz)} per-frame positions for "
+                         f"{layout.frames} frames")
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.sort([float(np.dot(p, normal)) for p in positions_xyz])
-    pixels = _decode(path, ds)
+    pixels = _decode(path, ds, layout)
     if pixels.ndim == 2:
         pixels = pixels[np.newaxis]
     spacing = (float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1]))
@@ -253,16 +293,24 @@ def _load_multiframe(path: Path, ds: Dataset) -> ImageVolume:
     )
 
 
-def _decode(path: Path, ds: Dataset) -> np.ndarray:
-    file_meta = getattr(ds, "file_meta", None)
-    syntax = file_meta.get("TransferSyntaxUID", UID("")) if file_meta is not None else UID("")
+def _where(path: Path, ds: Dataset) -> str:
+    """The file and, for people at the scanner console, its instance number."""
+    number = ds.get("InstanceNumber")
+    return f"{path} (instance {number})" if number not in (None, "") else str(path)
+
+
+def _layout(path: Path, ds: Dataset) -> PixelLayout:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            array = ds.pixel_array.astype(np.float32)
-    except Exception as exc:  # decoders raise many types; all mean "unusable"
-        name = syntax.name if syntax else "unknown transfer syntax"
-        raise InputError(f"{path}: pixel data cannot be decoded ({name}): {exc}") from exc
+        return read_layout(ds, multiframe=ds.SOPClassUID in MULTIFRAME_SOP_CLASSES)
+    except PixelDataError as exc:
+        raise InputError(f"{_where(path, ds)}: {exc}") from exc
+
+
+def _decode(path: Path, ds: Dataset, layout: PixelLayout) -> np.ndarray:
+    try:
+        array = decode(ds, layout).astype(np.float32)
+    except PixelDataError as exc:
+        raise InputError(f"{_where(path, ds)}: {exc}") from exc
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope != 1 or intercept != 0:

@@ -105,7 +105,9 @@ class SegmentationWorker:
         except InputError as exc:
             self._finish_failed(job_id, str(exc), retry=False)
             return None
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # also a native library's panic (pyo3's PanicException)
             LOGGER.exception("job %d: segmentation failed", job_id, extra={"job_id": job_id})
             self._finish_failed(job_id, f"{type(exc).__name__}: {exc}", retry=True)
             return None
@@ -176,6 +178,8 @@ class SegmentationWorker:
                     extra={"job_id": job_id, "sop_instance_uid": sop_uid})
 
     def _finish_failed(self, job_id: int, reason: str, *, retry: bool) -> None:
+        # One line: the reason is a log line, a cell in the status table and an API field.
+        reason = " ".join(reason.split())
         with self._sessions() as session, session.begin():
             job = session.get(Job, job_id, with_for_update=True)
             if job is None:
