@@ -77,6 +77,13 @@ class DicomSection(_Section):
     max_associations: int = Field(default=16, ge=1, le=256)
     allowed_callers: list[Caller] = Field(default_factory=list)
     min_free_disk_mb: int = Field(default=1024, ge=0)
+    association_request_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    """A connection that has not sent its whole association request by then is closed."""
+    max_waiting_per_address: int = Field(default=8, ge=1, le=1024)
+    """Connections one address may have waiting for their association request."""
+    max_instance_mb: int = Field(default=256, ge=1, le=16384)
+    """Largest instance accepted (inflated, for deflate); each association may hold one in
+    memory while it arrives, so this times max_associations bounds the receiver's memory."""
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -51,6 +52,27 @@ def setup_logging(level: str = "warning", fmt: LogFormat = "text") -> None:
     # pynetdicom logs every refused connection as an error of its own, and pydicom
     # warns about every quirk it repairs while reading; the node reports what matters
     # itself, with the file or destination, so keep their chatter for debugging.
+    # Python warnings (pydicom's UserWarnings about the files it repairs) go through the
+    # logger too, so that JSON logs stay JSON
+    logging.captureWarnings(True)
     if root.level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         logging.getLogger("pydicom").setLevel(logging.ERROR)
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    threading.excepthook = _log_thread_death
+
+
+def _log_thread_death(args: threading.ExceptHookArgs) -> None:
+    """A thread that dies of an exception is one log line, in the configured format.
+
+    Why: Python's default prints the traceback to stderr, past the JSON formatter and
+    the collectors that read it. The node's threads catch what they expect; this is the
+    net for what they do not. The traceback is kept for ``--log-level debug``.
+    """
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logger = logging.getLogger("dafne_node")
+    logger.error("thread %s died: %s: %s", name, args.exc_type.__name__, args.exc_value)
+    if args.exc_value is not None:
+        logger.debug("the failure in detail", exc_info=args.exc_value)

@@ -38,6 +38,7 @@ from db.migrate import upgrade
 from db.node_models import Job, JobState, OutboxItem, Series, SeriesState
 from db.repository import SqlInstanceIndex
 from db.session import make_engine, make_session_factory
+from dicom_scp.admission import AdmissionLimits
 from dicom_scp.policy import AllowedCaller, CallerPolicy, DiskWatermark
 from dicom_scp.receiver import StorageServer
 from dicom_scp.spool import Spool
@@ -172,6 +173,11 @@ class Node:
             index=SqlInstanceIndex(self.engine), policy=policy,
             watermark=DiskWatermark(self.config.spool_dir, dicom.min_free_disk_mb * 2**20),
             max_associations=dicom.max_associations,
+            admission=AdmissionLimits(
+                request_timeout_s=dicom.association_request_timeout_s,
+                max_pending_per_address=dicom.max_waiting_per_address,
+            ),
+            max_instance_bytes=dicom.max_instance_mb * 2**20,
         )
 
     def _start_http(self) -> None:

@@ -7,6 +7,10 @@ pydicom costs another 0.2 ms. At ~2,000 images/s (dcmtk's rate on this kind of m
 that is most of the budget, so the three structures that occur once per received
 instance are encoded by hand here. They are small, fixed layouts (PS3.7 §9.3.1 and
 PS3.10 §7.1); anything unusual falls back to pynetdicom's general code.
+
+The decoders read bytes straight from the peer, so whatever those bytes are they either
+decode or raise :class:`CodecError` (a ``ValueError``, so callers that fall back to
+pynetdicom on ``ValueError`` keep working).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import struct
 from dataclasses import dataclass
 
 __all__ = [
+    "CodecError",
     "StoreRequestCommand",
     "decode_command_set",
     "decode_store_request",
@@ -49,6 +54,10 @@ _MOVE_ORIGINATOR_ID = 0x1031
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 NO_DATASET = 0x0101
+
+
+class CodecError(ValueError):
+    """Bytes from a peer that are not the DIMSE structure they should be."""
 
 
 def _pad_uid(uid: str) -> bytes:
@@ -112,7 +121,7 @@ def decode_command_set(data: bytes | memoryview) -> dict[int, bytes]:
 
     Raises
     ------
-    ValueError
+    CodecError
         If an element is not in group 0x0000 or runs past the end of ``data``.
     """
     view = memoryview(data)
@@ -121,13 +130,13 @@ def decode_command_set(data: bytes | memoryview) -> dict[int, bytes]:
     elements: dict[int, bytes] = {}
     while offset < end:
         if offset + 8 > end:
-            raise ValueError("truncated command set element header")
+            raise CodecError("truncated command set element header")
         group, element, length = _ELEMENT.unpack_from(view, offset)
         offset += 8
         if group != 0x0000:
-            raise ValueError(f"command set element ({group:04X},{element:04X}) not in group 0000")
+            raise CodecError(f"command set element ({group:04X},{element:04X}) not in group 0000")
         if length == 0xFFFFFFFF or offset + length > end:
-            raise ValueError(f"command set element (0000,{element:04X}) has a bad length")
+            raise CodecError(f"command set element (0000,{element:04X}) has a bad length")
         elements[element] = bytes(view[offset : offset + length])
         offset += length
     return elements
@@ -155,7 +164,7 @@ def decode_store_request(elements: dict[int, bytes]) -> StoreRequestCommand | No
 
     Raises
     ------
-    ValueError
+    CodecError
         If a mandatory element of a C-STORE-RQ is missing or malformed.
     """
     field = elements.get(_COMMAND_FIELD)
@@ -174,7 +183,7 @@ def decode_store_request(elements: dict[int, bytes]) -> StoreRequestCommand | No
             move_originator_id=_US.unpack(move_id)[0] if move_id else None,
         )
     except (KeyError, struct.error, UnicodeDecodeError) as exc:
-        raise ValueError(f"malformed C-STORE-RQ command set: {exc!r}") from exc
+        raise CodecError(f"malformed C-STORE-RQ command set: {exc!r}") from exc
 
 
 def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
@@ -221,7 +230,7 @@ def split_pdata(body: bytes | bytearray | memoryview) -> list[tuple[int, memoryv
 
     Raises
     ------
-    ValueError
+    CodecError
         If an item's length runs past the end of ``body`` or is too short for its header.
     """
     view = memoryview(body)
@@ -230,10 +239,10 @@ def split_pdata(body: bytes | bytearray | memoryview) -> list[tuple[int, memoryv
     offset = 0
     while offset < end:
         if offset + 6 > end:
-            raise ValueError("truncated presentation data value item")
+            raise CodecError("truncated presentation data value item")
         length, context_id, _ = _PDV_HEADER.unpack_from(view, offset)
         if length < 2 or offset + 4 + length > end:
-            raise ValueError(f"presentation data value item with bad length {length}")
+            raise CodecError(f"presentation data value item with bad length {length}")
         items.append((context_id, view[offset + 5 : offset + 4 + length]))
         offset += 4 + length
     return items
@@ -245,9 +254,9 @@ def encode_command_pdus(context_id: int, command: bytes, max_pdu: int) -> bytes:
     ``max_pdu`` is the peer's Maximum Length Received (0: no limit); a command set longer
     than that is split into fragments, the last one flagged as such.
     """
-    room = len(command) if max_pdu == 0 else max(max_pdu - 6, 1)
+    room = max(len(command), 1) if max_pdu == 0 else max(max_pdu - 6, 1)
     pdus = []
-    for start in range(0, len(command), room):
+    for start in range(0, max(len(command), 1), room):  # an empty command: one empty PDV
         fragment = command[start : start + room]
         last = start + room >= len(command)
         control = _LAST_COMMAND_FRAGMENT if last else _COMMAND_FRAGMENT

@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_scp.ae import DAFNE_IMPLEMENTATION_UID, DAFNE_IMPLEMENTATION_VERSION
 from dicom_scp.codec import encode_file_meta
+from dicom_scp.deflate import InflateError, InflateLimitError, inflated_size
 from dicom_scp.header import HeaderError, InstanceHeader, parse_header
 from dicom_scp.policy import DiskWatermark
 from dicom_scp.spool import Spool, SpoolError, StagedFile
@@ -57,6 +59,7 @@ __all__ = [
     "STATUS_SOP_CLASS_MISMATCH",
     "STATUS_SPOOL_FAILED",
     "STATUS_SUCCESS",
+    "STATUS_TOO_LARGE",
     "CommitTimeoutError",
     "GroupCommitter",
     "IndexResult",
@@ -68,12 +71,14 @@ __all__ = [
     "StoreResult",
     "StoreService",
     "error_comment",
+    "too_large",
 ]
 
 LOGGER = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_DISK_FULL = 0xA700
+STATUS_TOO_LARGE = 0xA700  # PS3.4 has one "out of resources" code for both
 STATUS_SPOOL_FAILED = 0xA701
 STATUS_INDEX_FAILED = 0xA702
 STATUS_SOP_CLASS_MISMATCH = 0xA900
@@ -301,6 +306,16 @@ def _lo_text(text: str) -> str:
     return "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in text).strip()
 
 
+def too_large(size: int | None, limit: int) -> StoreResult:
+    """The answer for an instance over the size limit (``size`` if it is known)."""
+    what = "inflated data set" if size is None else f"data set of {size} bytes"
+    return StoreResult(
+        STATUS_TOO_LARGE,
+        f"{what} exceeds the node's maximum instance size of {limit} bytes",
+        comment=error_comment(f"instance exceeds this node's size limit of {limit >> 20} MiB"),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StoreResult:
     """The answer for one C-STORE: a DIMSE status and, for failures, why.
@@ -457,9 +472,16 @@ class StoreService:
                     comment=error_comment("free disk space below the watermark"),
                 )
 
+        if size > self.max_instance_bytes:
+            return too_large(size, self.max_instance_bytes)
         try:
             header = parse_header(request.dataset, request.transfer_syntax_uid)
-        except HeaderError as exc:
+            if request.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+                # what reads it later inflates it whole: a bomb must stop here
+                inflated_size(request.dataset, self.max_instance_bytes)
+        except InflateLimitError:
+            return too_large(None, self.max_instance_bytes)
+        except (HeaderError, InflateError) as exc:
             return StoreResult(
                 STATUS_BAD_DATASET,
                 str(exc),

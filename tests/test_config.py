@@ -18,6 +18,8 @@ def test_no_configuration_gives_a_working_node(tmp_path: Path) -> None:
     assert config.assembly.quiet_period_s == 10
     assert config.database_url.startswith("sqlite:///")
     assert config.model.dir is None
+    assert config.dicom.association_request_timeout_s == 5
+    assert config.dicom.max_instance_mb == 256
 
 
 def test_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -46,6 +48,9 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("[[routes]]\nname = \"r\"\ndestinations = [\"nowhere\"]\n",
          "routes.r.destinations: no destination named 'nowhere'"),
         ("[dicom\n", "not valid TOML"),
+        ("[dicom]\nassociation_request_timeout_s = 0\n",
+         "dicom.association_request_timeout_s: Input should be greater than 0"),
+        ("[dicom]\nmax_instance_mb = 0\n", "dicom.max_instance_mb"),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path: Path, text: str, message: str) -> None:

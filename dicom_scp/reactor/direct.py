@@ -13,9 +13,10 @@ Whatever needs pynetdicom's objects still gets them: a handler bound to a DIMSE,
 data event, a command that is not a C-STORE-RQ, a context that was not accepted.
 
 Memory is bounded whatever a peer sends: a data set larger than the association's
-``max_dataset_bytes`` is counted but not kept, and answered with 0xA700 and the reason once
-its last fragment arrives; a command set longer than :data:`COMMAND_SET_LIMIT` ends the
-association. Messages that take pynetdicom's path are held to the same limits.
+``max_dataset_bytes`` is counted but not kept, and answered with 0xA700 and the reason
+(:func:`dicom_scp.store.too_large`) once its last fragment arrives; a command set longer
+than :data:`COMMAND_SET_LIMIT` ends the association. Messages that take pynetdicom's path
+are held to the same limits.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dicom_scp.codec import (
     split_pdata,
 )
 from dicom_scp.reactor.dul import peer_name
+from dicom_scp.store import too_large
 
 if TYPE_CHECKING:
     from dicom_scp.reactor.association import EventDrivenAssociation
@@ -60,7 +62,6 @@ COMMAND_SET_LIMIT = 64 * 1024
 DEFAULT_MAX_DATASET_BYTES = 256 * 1024 * 1024
 """Largest data set kept in memory for one C-STORE unless the server sets another."""
 
-_STATUS_OUT_OF_RESOURCES = 0xA700
 _COMMAND = 0x01
 _LAST = 0x02
 _OBSERVED_EVENTS = (
@@ -93,11 +94,6 @@ class DirectStoreHandler(Protocol):
     ) -> tuple[int, str | None]:
         """Store the data set and say how it went."""
         ...
-
-
-def size_comment(limit: int) -> str:
-    """The Error Comment for a data set over ``limit`` bytes (reason first, < 64 chars)."""
-    return f"instance exceeds this node's size limit of {limit // 2**20} MiB"
 
 
 class _PendingStore:
@@ -249,15 +245,15 @@ class DirectDIMSE(DIMSEServiceProvider):
         context = assoc._accepted_cx.get(pending.context_id)
         handler = assoc.store_handler
         if pending.too_large:
+            refusal = too_large(pending.size, pending.limit)
             LOGGER.warning(
-                "C-STORE %s from %s refused with 0xA700: data set of %d bytes exceeds the "
-                "limit of %d bytes",
+                "C-STORE %s from %s refused with 0x%04X: %s",
                 command.sop_instance_uid,
                 peer_name(assoc),
-                pending.size,
-                pending.limit,
+                refusal.status,
+                refusal.reason,
             )
-            status, comment = _STATUS_OUT_OF_RESOURCES, size_comment(pending.limit)
+            status, comment = refusal.status, refusal.error_comment
         elif handler is None or context is None or assoc._sent_release:
             self._serve_with_pynetdicom(pending)
             return
@@ -318,7 +314,15 @@ class DirectDIMSE(DIMSEServiceProvider):
         if self.message is None:
             self.message = DIMSEMessage()
             self._message_bytes = 0
-        self._message_bytes += sum(len(data) for _, data in primitive.presentation_data_value_list)
+        items = primitive.presentation_data_value_list
+        if self.message.context_id is not None and any(  # its command set is complete
+            data and data[0] & _COMMAND for _, data in items
+        ):
+            # pynetdicom would append it to the finished command set and wait for ever
+            self._protocol_error("a command fragment where the data set was expected")
+            self.message = None
+            return
+        self._message_bytes += sum(len(data) for _, data in items)
         if self._message_bytes > self._limit + COMMAND_SET_LIMIT:
             raise MessageTooLargeError(
                 f"DIMSE message exceeds the size limit of {self._limit // 2**20} MiB"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage
 
 from dicom_scp.store import ERROR_COMMENT_LENGTH, error_comment
 from tests.dicom_scp.helpers import ServerFactory, data_set_offset
@@ -103,6 +104,32 @@ def test_broken_command_set_is_answered(
     _no_tracebacks(caplog)
 
 
+@pytest.mark.parametrize("mutation", ["no-message-id", "binary-uid", "n-event-report"])
+def test_command_waiting_for_a_data_set_then_another_command_is_aborted(
+    scp: ServerFactory, mutation: str, caplog: pytest.LogCaptureFixture,
+    thread_deaths: list[str],
+) -> None:
+    """A C-STORE-RQ whose data set never comes, then a C-ECHO: pynetdicom would wait."""
+    server = scp()
+    elements = store_request_elements(MRImageStorage, "1.2.3.4")
+    if mutation == "no-message-id":
+        elements.pop(0x0110)
+    elif mutation == "binary-uid":
+        elements[0x1000] = b"2\xc4"
+    else:
+        elements[0x0100] = struct.pack("<H", 0x0100)
+    echo = command_set({0x0002: b"1.2.840.10008.1.1\x00", 0x0100: b"\x30\x00",
+                        0x0110: b"\x07\x00", 0x0800: b"\x01\x01"})
+    with RawPeer(server.port) as peer:
+        assert peer.associate(CONTEXTS).type == A_ASSOCIATE_AC_TYPE
+        peer.send(pdata(1, 0x03, command_set(elements)))
+        peer.send(pdata(1, 0x03, echo))
+        assert peer.read_pdu(3.0).type in (A_ABORT_TYPE, CLOSED)
+    assert _wait_idle(server) == 0
+    assert not thread_deaths
+    _no_tracebacks(caplog)
+
+
 def test_command_set_over_several_fragments_is_stored(
     scp: ServerFactory, mr_files: list[Path]
 ) -> None:
@@ -183,3 +210,54 @@ def test_error_comment_leads_with_the_reason(
 def test_error_comment_reason_is_never_cut() -> None:
     with pytest.raises(ValueError, match="longer than 64"):
         error_comment("r" * 65)
+
+
+def _deflated_bomb(uid: str, inflated_mib: int) -> bytes:
+    """A valid MR header followed by ``inflated_mib`` MiB of zeros, raw-deflated (~1000:1)."""
+    from pydicom.dataset import Dataset  # noqa: PLC0415
+    from pydicom.filebase import DicomBytesIO  # noqa: PLC0415
+    from pydicom.filewriter import write_dataset  # noqa: PLC0415
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.1", "1.2.3.2"
+    ds.Modality = "MR"
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    length = inflated_mib * 2**20
+    header = buffer.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, length)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(2**20)
+    parts = [deflater.compress(header)]
+    parts += [deflater.compress(zeros) for _ in range(inflated_mib)]
+    return b"".join(parts) + deflater.flush()
+
+
+def test_deflate_bomb_is_refused_without_inflating_it(
+    scp: ServerFactory, thread_deaths: list[str]
+) -> None:
+    server = scp(max_instance_bytes=8 * 2**20)
+    uid = "1.2.3.4.5"
+    bomb = _deflated_bomb(uid, 64)
+    assert len(bomb) < 2**20
+    with RawPeer(server.port) as peer:
+        answer = peer.associate([(MRImageStorage, [DeflatedExplicitVRLittleEndian])])
+        assert answer.type == A_ASSOCIATE_AC_TYPE
+        started = time.monotonic()
+        status = response_status(c_store(peer, 1, MRImageStorage, uid, bomb))
+        assert time.monotonic() - started < 2.0  # it stopped counting at the limit
+        assert status is not None and status[0] == 0xA700
+        assert status[1] == "instance exceeds this node's size limit of 8 MiB"
+    assert uid not in server.service.index.records
+    assert not thread_deaths
+
+
+def test_deflated_instance_within_the_limit_is_stored(scp: ServerFactory) -> None:
+    server = scp(max_instance_bytes=8 * 2**20)
+    uid = "1.2.3.4.6"
+    data = _deflated_bomb(uid, 1)
+    with RawPeer(server.port) as peer:
+        peer.associate([(MRImageStorage, [DeflatedExplicitVRLittleEndian])])
+        assert response_status(c_store(peer, 1, MRImageStorage, uid, data)) == (0x0000, None)
+    assert uid in server.service.index.records
