@@ -97,24 +97,37 @@ class DirectStoreHandler(Protocol):
 
 
 class _PendingStore:
-    """A C-STORE-RQ whose data set fragments are still arriving (kept up to a limit)."""
+    """A C-STORE-RQ whose data set fragments are still arriving (kept up to a limit).
 
-    __slots__ = ("command", "context_id", "fragments", "limit", "size")
+    A data set that comes in one fragment stays a view of the received PDU (no copy).
+    Longer ones are gathered into one buffer as they arrive, so each PDU's buffer is
+    freed at once and the complete data set is never held twice: a growing ``bytearray``
+    of this size is extended in place (``mremap``), not copied.
+    """
+
+    __slots__ = ("buffer", "command", "context_id", "first", "limit", "size")
 
     def __init__(self, context_id: int, command: StoreRequestCommand, limit: int) -> None:
         self.context_id = context_id
         self.command = command
         self.limit = limit
-        self.fragments: list[memoryview] = []
+        self.first: memoryview | None = None
+        self.buffer: bytearray | None = None
         self.size = 0
 
     def add(self, fragment: memoryview) -> None:
         """Keep ``fragment``, or only count it once the data set is over the limit."""
         self.size += len(fragment)
-        if self.size <= self.limit:
-            self.fragments.append(fragment)
-        elif self.fragments:
-            self.fragments.clear()
+        if self.size > self.limit:
+            self.first = self.buffer = None
+        elif self.buffer is not None:
+            self.buffer += fragment
+        elif self.first is None:
+            self.first = fragment
+        else:
+            self.buffer = bytearray(self.first)
+            self.buffer += fragment
+            self.first = None
 
     @property
     def too_large(self) -> bool:
@@ -123,9 +136,9 @@ class _PendingStore:
 
     def dataset(self) -> bytes | memoryview:
         """The data set: the received bytes themselves if it came in one fragment."""
-        if len(self.fragments) == 1:
-            return self.fragments[0]
-        return b"".join(self.fragments)
+        if self.buffer is not None:
+            return memoryview(self.buffer)
+        return self.first if self.first is not None else b""
 
 
 class DirectDIMSE(DIMSEServiceProvider):
