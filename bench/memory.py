@@ -80,7 +80,7 @@ def header(uid: str, pixel_bytes: int) -> bytes:
 
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = MR, uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.1", f"1.2.826.0.1.2.{uid[-4:]}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.1", "1.2.826.0.1.2"
     ds.Modality = "CT"  # stored and indexed, but no route segments it
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, False

@@ -96,22 +96,28 @@ class DirectStoreHandler(Protocol):
         ...
 
 
+GATHER_FROM_BYTES = 4 * 1024 * 1024
+"""Size from which a data set's fragments are gathered into one growing buffer as they
+arrive (below it they are kept as received and joined once at the end: cheaper for the
+usual 0.1-1 MiB image than growing a buffer fragment by fragment)."""
+
+
 class _PendingStore:
     """A C-STORE-RQ whose data set fragments are still arriving (kept up to a limit).
 
-    A data set that comes in one fragment stays a view of the received PDU (no copy).
-    Longer ones are gathered into one buffer as they arrive, so each PDU's buffer is
-    freed at once and the complete data set is never held twice: a growing ``bytearray``
-    of this size is extended in place (``mremap``), not copied.
+    A data set that comes in one fragment stays a view of the received PDU (no copy); small
+    ones are joined once complete. From :data:`GATHER_FROM_BYTES` on, fragments are gathered
+    into one buffer as they arrive, so each PDU's buffer is freed at once and a large data
+    set is never held twice: a ``bytearray`` of that size grows in place (``mremap``).
     """
 
-    __slots__ = ("buffer", "command", "context_id", "first", "limit", "size")
+    __slots__ = ("buffer", "command", "context_id", "fragments", "limit", "size")
 
     def __init__(self, context_id: int, command: StoreRequestCommand, limit: int) -> None:
         self.context_id = context_id
         self.command = command
         self.limit = limit
-        self.first: memoryview | None = None
+        self.fragments: list[memoryview] = []
         self.buffer: bytearray | None = None
         self.size = 0
 
@@ -119,15 +125,15 @@ class _PendingStore:
         """Keep ``fragment``, or only count it once the data set is over the limit."""
         self.size += len(fragment)
         if self.size > self.limit:
-            self.first = self.buffer = None
+            self.fragments.clear()
+            self.buffer = None
         elif self.buffer is not None:
             self.buffer += fragment
-        elif self.first is None:
-            self.first = fragment
+        elif self.size < GATHER_FROM_BYTES:
+            self.fragments.append(fragment)
         else:
-            self.buffer = bytearray(self.first)
-            self.buffer += fragment
-            self.first = None
+            self.buffer = bytearray().join([*self.fragments, fragment])
+            self.fragments.clear()
 
     @property
     def too_large(self) -> bool:
@@ -138,7 +144,9 @@ class _PendingStore:
         """The data set: the received bytes themselves if it came in one fragment."""
         if self.buffer is not None:
             return memoryview(self.buffer)
-        return self.first if self.first is not None else b""
+        if len(self.fragments) == 1:
+            return self.fragments[0]
+        return b"".join(self.fragments)
 
 
 class DirectDIMSE(DIMSEServiceProvider):
@@ -203,10 +211,17 @@ class DirectDIMSE(DIMSEServiceProvider):
             if not control & _COMMAND:
                 self._protocol_error("data set fragment without a command")
                 return
+            if control & _LAST and self._command is None:  # a whole command: the usual case
+                if not self._start(context_id, data[1:], items, index):
+                    return
+                continue
             if not self._collect_command(context_id, data):
                 return
-            if control & _LAST and not self._start(items, index):
-                return
+            if control & _LAST:
+                _, fragments = cast(tuple[int, list[bytes]], self._command)
+                self._command = None  # _collect_command checked every fragment's context
+                if not self._start(context_id, b"".join(fragments), items, index):
+                    return
 
     def _collect_command(self, context_id: int, data: memoryview) -> bool:
         if self._command is None:
@@ -221,20 +236,23 @@ class DirectDIMSE(DIMSEServiceProvider):
             return False
         return True
 
-    def _start(self, items: Sequence[tuple[int, memoryview]], index: int) -> bool:
+    def _start(
+        self,
+        context_id: int,
+        command_set: bytes | memoryview,
+        items: Sequence[tuple[int, memoryview]],
+        index: int,
+    ) -> bool:
         """A command set is complete: start a direct C-STORE or hand over to pynetdicom.
 
         Returns whether the direct path goes on with the rest of ``items``.
         """
-        context_id, fragments = cast(tuple[int, list[bytes]], self._command)
-        self._command = None
-        command_set = b"".join(fragments)
         try:
             command = decode_store_request(decode_command_set(command_set))
         except ValueError:
             command = None  # pynetdicom judges (and logs) what we do not recognise
         if command is None or not command.has_dataset:
-            rest = [(context_id, b"\x03" + command_set)]
+            rest = [(context_id, b"\x03" + bytes(command_set))]
             rest += [(cid, bytes(data)) for cid, data in items[index + 1 :]]
             self._receive_with_pynetdicom(rest)
             return False

@@ -89,6 +89,7 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake_w.setblocking(False)
         self.event_queue = SignalQueue(self.wake)
         self.to_provider_queue = SignalQueue(self.wake)
+        self._pdata_limit: int | None = None
 
     def wake(self) -> None:
         """Interrupt the DUL's wait (thread-safe, never blocks).
@@ -149,8 +150,12 @@ class EventDrivenDUL(DULServiceProvider):
         """
         if pdu_type != _P_DATA_TF:
             return CONTROL_PDU_LIMIT
-        announced = int(self.assoc.acceptor.maximum_length or 0)
-        return max(announced, CONTROL_PDU_LIMIT) * 2 if announced else UNLIMITED_PDU_LIMIT
+        if self._pdata_limit is None:  # fixed once the association exists: once per association
+            announced = int(self.assoc.acceptor.maximum_length or 0)
+            self._pdata_limit = (
+                max(announced, CONTROL_PDU_LIMIT) * 2 if announced else UNLIMITED_PDU_LIMIT
+            )
+        return self._pdata_limit
 
     def _read_pdu_data(self) -> None:
         """Read one PDU and queue its event; P-DATA-TF in Sta6 may go the direct path.

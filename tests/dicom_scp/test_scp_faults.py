@@ -261,3 +261,21 @@ def test_deflated_instance_within_the_limit_is_stored(scp: ServerFactory) -> Non
         peer.associate([(MRImageStorage, [DeflatedExplicitVRLittleEndian])])
         assert response_status(c_store(peer, 1, MRImageStorage, uid, data)) == (0x0000, None)
     assert uid in server.service.index.records
+
+
+def test_large_data_set_in_many_fragments_is_stored_byte_for_byte(scp: ServerFactory) -> None:
+    """Over GATHER_FROM_BYTES a data set is gathered as it arrives; the file is the same."""
+    from dicom_scp.reactor.direct import GATHER_FROM_BYTES  # noqa: PLC0415
+
+    server = scp()
+    uid = "1.2.3.4.7"
+    data = _deflated_bomb(uid, 0)  # a valid header, then Pixel Data of the size below
+    header = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data)[:-4]
+    pixels = bytes(range(256)) * ((GATHER_FROM_BYTES + 2**20) // 256)
+    dataset = header + struct.pack("<I", len(pixels)) + pixels
+    with RawPeer(server.port) as peer:
+        peer.associate(CONTEXTS)
+        answer = c_store(peer, 1, MRImageStorage, uid, dataset, fragment=65000)
+        assert response_status(answer) == (0x0000, None)
+    stored = server.spool.path(server.service.index.records[uid].spool_path).read_bytes()
+    assert stored[data_set_offset(stored):] == dataset
