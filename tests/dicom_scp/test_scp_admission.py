@@ -71,7 +71,7 @@ def test_hundred_idle_connections_do_not_lock_out_a_caller(
     scp: ServerFactory, mr_files: list[Path], sources: list[str]
 ) -> None:
     server = scp(admission=AdmissionLimits(request_timeout_s=REQUEST_TIMEOUT_S),
-                 max_associations=4)
+                 max_associations=4, policy=CallerPolicy([AllowedCaller("PACS")]))
     idle = _idle(server.port, 100, sources)
     try:
         time.sleep(0.2)  # let them all reach admission
