@@ -208,8 +208,8 @@ class Admission:
 
     def _round(self) -> None:
         timeout = _TICK_S
-        if self._waiting:
-            first = min(entry.deadline for entry in self._waiting.values())
+        if self._waiting:  # in order of arrival, so the first is the first to expire
+            first = next(iter(self._waiting.values())).deadline
             timeout = max(0.0, min(timeout, first - time.monotonic()))
         for key, events in self._selector.select(timeout):
             if key.fileobj is self._wake_r:
@@ -252,7 +252,12 @@ class Admission:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for entry in [entry for entry in self._waiting.values() if entry.deadline <= now]:
+        expired = []
+        for entry in self._waiting.values():
+            if entry.deadline > now:
+                break
+            expired.append(entry)
+        for entry in expired:
             self._drop(
                 entry,
                 f"no association request within {self.limits.request_timeout_s:g} s",

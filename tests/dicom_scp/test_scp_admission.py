@@ -9,6 +9,8 @@ caller associates, and check that the idle ones are closed within the configured
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -162,3 +164,57 @@ def test_anything_but_an_association_request_is_aborted(
     assert server.active_associations() == 0
     assert not [record for record in caplog.records if record.exc_info]
     assert any("Closed connection from" in record.getMessage() for record in caplog.records)
+
+
+@pytest.fixture
+def tls_contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a self-signed certificate made here, and a client trusting it."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=dafne-test",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        capture_output=True, timeout=60, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"openssl cannot make a certificate: {made.stderr[-200:]!r}")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    return server, client
+
+
+def test_tls_handshake_happens_in_admission_and_a_stalled_one_holds_up_nobody(
+    scp: ServerFactory, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    server_context, client_context = tls_contexts
+    server = scp(ssl_context=server_context,
+                 admission=AdmissionLimits(request_timeout_s=REQUEST_TIMEOUT_S))
+    stalled = _idle(server.port, 20, ["127.0.0.1"])  # TCP up, no ClientHello ever
+    half = socket.create_connection(("127.0.0.1", server.port))
+    half.sendall(b"\x16\x03\x01\x00\xff\x01")  # the first bytes of a ClientHello, then nothing
+    try:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        started = time.monotonic()
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="DAFNE",
+                             tls_args=(client_context, "127.0.0.1"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert time.monotonic() - started < 1.0
+        assert _closed_by_node(half, REQUEST_TIMEOUT_S + 1.0)
+    finally:
+        for sock in [*stalled, half]:
+            sock.close()
+
+
+def test_tls_handshake_failure_closes_with_one_line(
+    scp: ServerFactory, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = scp(ssl_context=tls_contexts[0])
+    with RawPeer(server.port) as peer:  # plain DICOM to a TLS port
+        peer.send(association_request([(Verification, ["1.2.840.10008.1.2"])]))
+        assert peer.read_pdu(2.0).type == CLOSED
+    assert any("TLS handshake failed" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.exc_info]
