@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 import zlib
@@ -519,7 +520,8 @@ class StoreService:
                 staged = self.spool.stage(relative, (meta, request.dataset))
             except SpoolError as exc:
                 status = STATUS_DISK_FULL if exc.errno == errno.ENOSPC else STATUS_SPOOL_FAILED
-                cause = exc.strerror or type(exc).__name__
+                # the errno's own words: the SpoolError's message starts with the path
+                cause = os.strerror(exc.errno) if exc.errno else "spool write failed"
                 return StoreResult(
                     status,
                     f"spool write failed: {exc}",

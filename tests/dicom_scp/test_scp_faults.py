@@ -279,3 +279,23 @@ def test_large_data_set_in_many_fragments_is_stored_byte_for_byte(scp: ServerFac
         assert response_status(answer) == (0x0000, None)
     stored = server.spool.path(server.service.index.records[uid].spool_path).read_bytes()
     assert stored[data_set_offset(stored):] == dataset
+
+
+def test_full_disk_comment_says_so_first(
+    scp: ServerFactory, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool's error names a long path; the sender must still read the cause."""
+    import errno  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    server = scp()
+
+    def full(fd: int, buffers: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("dicom_scp.spool.os.writev", full)
+    uid, dataset = _dataset(mr_files[3])
+    with RawPeer(server.port) as peer:
+        peer.associate(CONTEXTS)
+        status = response_status(c_store(peer, 1, MRImageStorage, uid, dataset))
+    assert status == (0xA700, "No space left on device: spool write failed")
