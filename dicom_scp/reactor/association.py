@@ -206,7 +206,7 @@ class EventDrivenRequestHandler(RequestHandler):
 
         take = getattr(server, "take_received", None)
         received = take(client) if take is not None else b""
-        assoc.set_socket(TunedSocket(assoc, client, received))
+        assoc.set_socket(TunedSocket(assoc, client, received, timeout=self.ae.network_timeout))
 
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = server.ae_title

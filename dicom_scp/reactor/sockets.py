@@ -8,6 +8,7 @@ peer that leaves Nagle's algorithm on (most modalities) by ~40 ms.
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any, cast
 
 from pynetdicom.transport import AssociationSocket
@@ -48,10 +49,23 @@ class TunedSocket(AssociationSocket):
     received : bytes
         Bytes already read from the connection before the association existed (the
         A-ASSOCIATE-RQ that admission waited for); they are read first.
+    timeout : float, optional
+        Seconds a read or a write may wait for the peer, and the most one read of a PDU
+        (header or body) may take in all. Why: a peer that announces a PDU and then sends
+        it a byte at a time, or stops reading our responses, would otherwise hold its
+        receive thread, and its association slot, for as long as TCP keeps the connection.
     """
 
-    def __init__(self, assoc: Any, client_socket: socket.socket, received: bytes = b"") -> None:
+    def __init__(
+        self,
+        assoc: Any,
+        client_socket: socket.socket,
+        received: bytes = b"",
+        timeout: float | None = None,
+    ) -> None:
         self._received = bytearray(received)
+        self._timeout = timeout
+        client_socket.settimeout(timeout)
         super().__init__(assoc, client_socket=client_socket)
 
     @property
@@ -82,12 +96,17 @@ class TunedSocket(AssociationSocket):
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
         received = 0
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
         try:
             while received < nr_bytes:
                 count = sock.recv_into(view[received:], nr_bytes - received)
                 if not count:
                     break
                 received += count
+                if deadline is not None and received < nr_bytes and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{received} of {nr_bytes} bytes in {self._timeout:g} s (too slow)"
+                    )
         finally:
             view.release()
         if received < nr_bytes:

@@ -299,3 +299,22 @@ def test_full_disk_comment_says_so_first(
         peer.associate(CONTEXTS)
         status = response_status(c_store(peer, 1, MRImageStorage, uid, dataset))
     assert status == (0xA700, "No space left on device: spool write failed")
+
+
+@pytest.mark.parametrize("pace", ["stalls", "trickles"])
+def test_slow_pdu_frees_its_slot_within_the_network_timeout(
+    scp: ServerFactory, pace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PDU announced and then stalled, or sent a byte at a time (slowloris)."""
+    server = scp(network_timeout=1.0)
+    with RawPeer(server.port) as peer:
+        assert peer.associate(CONTEXTS).type == A_ASSOCIATE_AC_TYPE
+        peer.send(struct.pack(">BBL", 0x04, 0, 200) + b"\x00" * 10)
+        started = time.monotonic()
+        if pace == "trickles":
+            while time.monotonic() - started < 3.0 and peer.send(b"\x00"):
+                time.sleep(0.2)
+        assert peer.read_pdu(3.0).type in (A_ABORT_TYPE, CLOSED)
+        assert time.monotonic() - started < 3.5
+    assert _wait_idle(server) == 0
+    _no_tracebacks(caplog)
