@@ -21,6 +21,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import NodeConfig
+from dafne_node.jobs import lifecycle
 from db.base import utcnow
 from db.node_models import Job, JobState, OutboxItem, OutboxState
 from dicom_scp.sender import AssociationError, Destination, SendResult, send_files
@@ -152,11 +153,10 @@ def settle_job(session: Session, job_id: int) -> None:
     if counts.get(OutboxState.FAILED):
         errors = session.scalars(select(OutboxItem.last_error).where(
             OutboxItem.job_id == job_id, OutboxItem.state == OutboxState.FAILED)).all()
-        job.state = JobState.FAILED
-        job.error = "delivery failed: " + "; ".join(sorted({e or "unknown" for e in errors}))
+        lifecycle.fail(job, "delivery failed: " + "; ".join(sorted({e or "unknown"
+                                                                   for e in errors})))
     else:
-        job.state = JobState.DONE
-    job.finished_at = utcnow()
+        lifecycle.finish(job)
 
 
 def requeue_interrupted_sends(

@@ -18,11 +18,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import ConfigError, NodeConfig
 from dafne_node.dicomio import save_dataset_atomically
+from dafne_node.jobs import lifecycle
 from dafne_node.segmentation import SegmentationResult, SeriesSegmenter
 from dafne_node.volume import InputError, read_series
 from db.base import dialect_insert, utcnow
 from db.jobs import claim_next_job
-from db.node_models import Instance, Job, JobKind, JobState, OutboxItem, OutboxState, Series
+from db.node_models import (
+    JOB_TRANSITIONS,
+    Instance,
+    Job,
+    JobKind,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    Series,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,10 +93,10 @@ class SegmentationWorker:
             job_id, revision = job.id, job.series_revision or 0
             series = session.get(Series, job.series_id) if job.series_id else None
             if series is None:
-                _fail(job, "the series of this job no longer exists")
+                lifecycle.fail(job, "the series of this job no longer exists")
                 return None
             if series.revision > revision:
-                _supersede_before_running(job, series.revision)
+                lifecycle.skip(job, _superseded_by_revision(series.revision))
                 return None
             series_uid = series.series_instance_uid
             paths = [
@@ -140,12 +150,12 @@ class SegmentationWorker:
             if series is not None and series.revision > (job.series_revision or 0):
                 # More instances arrived while this ran: the newer revision's job will
                 # deliver a SEG of the whole series; this one must not reach PACS.
-                _supersede_before_running(job, series.revision)
+                lifecycle.skip(job, _superseded_by_revision(series.revision))
                 return
             try:
                 targets = [self._config.destination(name) for name in destinations]
             except ConfigError as exc:
-                _fail(job, f"cannot deliver: {exc}")
+                lifecycle.fail(job, f"cannot deliver: {exc}")
                 return
             job.result_sop_instance_uid = sop_uid
             job.result = {
@@ -168,45 +178,27 @@ class SegmentationWorker:
                         index_elements=["sop_instance_uid", "ae_title", "host", "port"])
                 )
             if targets:
-                job.state = JobState.SENDING
+                lifecycle.start_sending(job)
             else:
-                job.state = JobState.DONE
-                job.finished_at = utcnow()
+                lifecycle.finish(job)
             if job.supersedes_id is not None:
                 _supersede(session, job.supersedes_id, job_id)
         LOGGER.info("job %d: SEG %s written, %d destination(s)", job_id, sop_uid, len(destinations),
                     extra={"job_id": job_id, "sop_instance_uid": sop_uid})
 
     def _finish_failed(self, job_id: int, reason: str, *, retry: bool) -> None:
-        # One line: the reason is a log line, a cell in the status table and an API field.
-        reason = " ".join(reason.split())
         with self._sessions() as session, session.begin():
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None:
+            if job is None or job.state != JobState.RUNNING:
                 return
             if retry and job.attempts < MAX_ATTEMPTS:
-                job.state = JobState.QUEUED
-                job.error = reason
-                job.claimed_by = None
-                job.not_before = utcnow() + RETRY_DELAY * job.attempts
-                LOGGER.warning("job %d: attempt %d failed (%s); retrying", job_id, job.attempts,
-                               reason, extra={"job_id": job_id})
+                lifecycle.requeue(job, reason, not_before=utcnow() + RETRY_DELAY * job.attempts)
             else:
-                _fail(job, reason)
+                lifecycle.fail(job, reason)
 
 
-def _fail(job: Job, reason: str) -> None:
-    job.state = JobState.FAILED
-    job.error = reason
-    job.finished_at = utcnow()
-    LOGGER.error("job %d failed: %s", job.id, reason, extra={"job_id": job.id})
-
-
-def _supersede_before_running(job: Job, revision: int) -> None:
-    job.state = JobState.SKIPPED
-    job.error = f"superseded: the series changed (now revision {revision})"
-    job.finished_at = utcnow()
-    LOGGER.info("job %d %s", job.id, job.error, extra={"job_id": job.id})
+def _superseded_by_revision(revision: int) -> str:
+    return f"superseded: the series changed (now revision {revision})"
 
 
 def _supersede(session: Session, old_job_id: int, new_job_id: int) -> None:
@@ -221,9 +213,7 @@ def _supersede(session: Session, old_job_id: int, new_job_id: int) -> None:
                OutboxItem.state.in_([OutboxState.PENDING, OutboxState.FAILED]))
         .values(state=OutboxState.CANCELLED, last_error=reason)
     ).rowcount
-    if old.state not in (JobState.DONE, JobState.FAILED):
-        old.state = JobState.SKIPPED
-        old.error = reason
-        old.finished_at = utcnow()
+    if JobState.SKIPPED in JOB_TRANSITIONS[old.state]:  # not done, failed or skipped yet
+        lifecycle.skip(old, reason)
     LOGGER.info("job %d %s (%d undelivered SEG copies cancelled)", old_job_id, reason, cancelled,
                 extra={"job_id": old_job_id})

@@ -29,6 +29,11 @@ from sqlalchemy.orm import Session
 from db.base import dialect_insert, utcnow
 from db.node_models import Job, JobKind, JobState
 
+CLAIM = (JobState.QUEUED, JobState.RUNNING)
+"""The state change :func:`claim_next_job` makes (in ``JOB_TRANSITIONS``, tested)."""
+TAKE_OVER = (JobState.RUNNING, JobState.QUEUED)
+"""The state change :func:`requeue_stale_jobs` makes (in ``JOB_TRANSITIONS``, tested)."""
+
 __all__ = [
     "claim_next_job",
     "enqueue_job",
@@ -101,7 +106,7 @@ def claim_next_job(
     candidate = (
         select(Job.id)
         .where(
-            Job.state == JobState.QUEUED.value,
+            Job.state == CLAIM[0].value,
             Job.kind.in_(kind_values),
             or_(Job.not_before.is_(None), Job.not_before <= now),
         )
@@ -112,9 +117,9 @@ def claim_next_job(
     )
     statement = (
         update(Job)
-        .where(Job.id == candidate, Job.state == JobState.QUEUED.value)
+        .where(Job.id == candidate, Job.state == CLAIM[0].value)
         .values(
-            state=JobState.RUNNING.value,
+            state=CLAIM[1].value,
             claimed_by=worker_id,
             claimed_at=now,
             heartbeat_at=now,
@@ -171,8 +176,8 @@ def requeue_stale_jobs(
         stale = or_(stale, Job.claimed_by.in_(list(dead_workers)))
     result = session.execute(
         update(Job)
-        .where(Job.state == JobState.RUNNING.value, stale)
-        .values(state=JobState.QUEUED.value, claimed_by=None, claimed_at=None, updated_at=now)
+        .where(Job.state == TAKE_OVER[0].value, stale)
+        .values(state=TAKE_OVER[1].value, claimed_by=None, claimed_at=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]

@@ -85,6 +85,26 @@ class JobState(StrEnum):
     SKIPPED = "skipped"
 
 
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.SKIPPED}),
+    JobState.RUNNING: frozenset(
+        {JobState.SENDING, JobState.DONE, JobState.FAILED, JobState.SKIPPED, JobState.QUEUED}
+    ),
+    JobState.SENDING: frozenset({JobState.DONE, JobState.FAILED, JobState.SKIPPED}),
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.SENDING}),
+    JobState.DONE: frozenset(),
+    JobState.SKIPPED: frozenset(),
+}
+"""The one table of a job's allowed state changes, for every kind of job.
+
+``queued → running`` is a claim and ``running → queued`` a retry after an unexpected error
+or the take-over of a dead worker's job (``db.jobs``); every other change goes through
+``dafne_node.jobs.lifecycle``. ``failed`` is left only by an operator's retry; ``done`` and
+``skipped`` are final. A job superseded by a newer revision of its series is ``skipped``
+from ``queued`` (waiting for a retry), ``running`` or ``sending``.
+"""
+
+
 class OutboxState(StrEnum):
     """Delivery state of one file to one destination."""
 

@@ -359,7 +359,7 @@ def test_corrupt_pixel_data_fails_its_job_at_once_with_the_reason(name: str, run
         assert f"(instance {corruption.broken[0] + 1})" in error
     # Logged once, as one line, without a traceback; no library logged an error of its own.
     [record] = [r for r in outcome.logged if r.name.startswith("dafne_node")]
-    assert (record.name, record.levelno) == ("dafne_node.worker", logging.ERROR)
+    assert (record.name, record.levelno) == ("dafne_node.jobs.lifecycle", logging.ERROR)
     assert record.getMessage() == f"job {job.id} failed: {error}"
     assert record.exc_info is None
     assert [r for r in outcome.logged if r.levelno >= logging.ERROR] == [record]
