@@ -386,11 +386,24 @@ def _load_node_config(args: argparse.Namespace) -> NodeConfig:
 
 
 def _open_database(config: NodeConfig) -> sessionmaker[Session]:
-    from db.migrate import upgrade
+    """The node's database for an admin command: checked, never migrated or created."""
+    from sqlalchemy.engine import make_url
+
+    from db.migrate import SchemaMismatchError, check_current
     from db.session import make_engine, make_session_factory
 
+    url = make_url(config.database_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise UserError(
+            f"no node database at {url.database}: start the node (dafne-node serve) once, "
+            "or point --data-dir at its data"
+        )
     engine = make_engine(config.database_url)
-    upgrade(engine)
+    try:
+        check_current(engine)
+    except SchemaMismatchError as exc:
+        engine.dispose()
+        raise UserError(str(exc)) from exc
     return make_session_factory(engine)
 
 

@@ -24,7 +24,15 @@ from sqlalchemy import Engine
 
 from db.session import make_engine
 
-__all__ = ["HISTORIES", "alembic_config", "current_revision", "head_revision", "upgrade"]
+__all__ = [
+    "HISTORIES",
+    "SchemaMismatchError",
+    "alembic_config",
+    "check_current",
+    "current_revision",
+    "head_revision",
+    "upgrade",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,6 +84,38 @@ def current_revision(engine: Engine, history: str = "node") -> str | None:
             connection, opts={"version_table": HISTORIES[history].version_table}
         )
         return context.get_current_revision()
+
+
+class SchemaMismatchError(RuntimeError):
+    """The database is not at the schema this code expects; the message says what to do."""
+
+
+def check_current(engine: Engine, history: str = "node") -> None:
+    """Make sure the database is at this code's head revision, without changing it.
+
+    Why: read-only commands (``status``, ``jobs retry``) run beside a running node, maybe
+    of another version. Migrating from there would change the schema under the running
+    node's feet; only the processes that own the database (``serve``, ``worker``) migrate.
+
+    Raises
+    ------
+    SchemaMismatchError
+        If the database is empty or at another revision, saying which and what to do.
+    """
+    current = current_revision(engine, history)
+    head = head_revision(history)
+    if current is None:
+        raise SchemaMismatchError(
+            f"no node database at {engine.url.render_as_string(hide_password=True)}: "
+            "start the node (dafne-node serve) once, or point --data-dir or DAFNE_DB_URL at "
+            "its data"
+        )
+    if current != head:
+        raise SchemaMismatchError(
+            f"the node database is at schema revision {current}, this dafne-node expects "
+            f"{head}: restart the node with this version (dafne-node serve or worker "
+            "migrates it), or use the dafne-node of the version that is running"
+        )
 
 
 def upgrade(

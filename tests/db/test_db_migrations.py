@@ -98,3 +98,37 @@ def test_instances_received_before_the_crc32_column_survive_the_upgrade(tmp_path
         assert tuple(row) == ("1.2.3.4", 10, None)
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_check_current_names_both_revisions_and_changes_nothing(
+    backend: str, tmp_path: Path
+) -> None:
+    from db.migrate import SchemaMismatchError, check_current  # noqa: PLC0415
+    from tests.postgres import PG_URL, temporary_schema  # noqa: PLC0415
+
+    def run(engine: Engine) -> None:
+        with pytest.raises(SchemaMismatchError, match="no node database"):
+            check_current(engine)
+        upgrade(engine, "0001_node")
+        with pytest.raises(SchemaMismatchError, match="at schema revision 0001_node"):
+            check_current(engine)
+        assert current_revision(engine) == "0001_node"
+        upgrade(engine)
+        check_current(engine)
+
+    if backend == "sqlite":
+        engine = make_engine(tmp_path / "node.db")
+        try:
+            run(engine)
+        finally:
+            engine.dispose()
+        return
+    with temporary_schema("test_check") as schema:
+        engine = make_engine(PG_URL, schema=schema)
+        try:
+            run(engine)
+        finally:
+            engine.dispose()
