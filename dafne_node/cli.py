@@ -278,6 +278,8 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("seg", type=Path, metavar="SEG", help="the segmentation to judge")
     sub.add_argument("reference", type=Path, metavar="REFERENCE", help="the reference SEG")
     sub.add_argument("--json", action="store_true", help="print the scores as JSON")
+    sub.add_argument("--model-dir", type=Path, metavar="DIR",
+                     help="the model whose labels are compared (default: the bundled model)")
     sub.set_defaults(handler=run_compare)
 
 
@@ -527,22 +529,26 @@ def run_compare(args: argparse.Namespace) -> int:
     """Print per-muscle Dice between two SEGs."""
     from pydicom import dcmread
 
-    from dafne_node.labels import LEG_MUSCLES
+    from dafne_node.ml.manifest import ModelError, default_model_dir, load_manifest
     from dafne_node.ml.metrics import dice_per_label, mean_dice
     from dafne_node.seg import decode_segmentation
 
-    reference = decode_segmentation(dcmread(args.reference), LEG_MUSCLES)
-    candidate = decode_segmentation(dcmread(args.seg), LEG_MUSCLES,
+    try:
+        labels = load_manifest(args.model_dir or default_model_dir()).to_labels()
+    except ModelError as exc:
+        raise UserError(str(exc)) from exc
+    reference = decode_segmentation(dcmread(args.reference), labels)
+    candidate = decode_segmentation(dcmread(args.seg), labels,
                                     reference.source_sop_instance_uids)
     scores = dice_per_label(candidate.label_map, reference.label_map,
-                            [label.value for label in LEG_MUSCLES])
+                            [label.value for label in labels])
     mean = mean_dice(scores)
     if args.json:
-        named = {label.key: scores[label.value] for label in LEG_MUSCLES}
+        named = {label.key: scores[label.value] for label in labels}
         print(json.dumps({"dice": named, "mean_dice": mean}, indent=2))
         return EXIT_OK
-    width = max(len(label.name) for label in LEG_MUSCLES)
-    for label in LEG_MUSCLES:
+    width = max(len(label.name) for label in labels)
+    for label in labels:
         print(f"{label.name:<{width}}  Dice {scores[label.value]:.3f}")
     print(f"{'Mean':<{width}}  Dice {mean:.3f}")
     return EXIT_OK

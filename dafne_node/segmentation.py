@@ -15,7 +15,6 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from dafne_node.labels import Label
@@ -53,20 +52,6 @@ class SegmentationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def manifest_labels(manifest: ModelManifest) -> tuple[Label, ...]:
-    """The labels a model was trained for, as written in its manifest."""
-    return tuple(
-        Label(
-            value=spec.value,
-            key=spec.key,
-            name=spec.name,
-            type_code=Code(spec.type.value, spec.type.scheme, spec.type.meaning),
-            category_code=Code(spec.category.value, spec.category.scheme, spec.category.meaning),
-        )
-        for spec in manifest.labels
-    )
-
-
 def seg_uids(source_series_uid: str, manifest: ModelManifest, revision: int = 0
              ) -> tuple[str, str]:
     """Series and SOP Instance UIDs of the SEG for a source series and model.
@@ -99,7 +84,7 @@ class SeriesSegmenter:
     def __init__(self, model_dir: Path | None = None, *, precision: Precision = "auto") -> None:
         loaded: LoadedModel = load_model_dir(model_dir or default_model_dir())
         self.manifest = loaded.manifest
-        self.labels = manifest_labels(loaded.manifest)
+        self.labels = loaded.manifest.to_labels()
         self.segmenter = Segmenter.from_loaded(loaded, precision=precision)
         self.algorithm = SegmentationAlgorithm(
             name=loaded.manifest.name, version=f"g{loaded.manifest.generation}"

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydicom.sr.coding import Code
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -157,6 +158,21 @@ class ModelManifest(BaseModel):
     weights: WeightsSpec
     created: datetime
     training: dict[str, Any] | None = None
+
+    def to_labels(self) -> tuple[Label, ...]:
+        """The labels the model was trained for, as its manifest writes them.
+
+        Why here: encoding, decoding, comparing and training all name structures by these,
+        so a model with other labels needs no second list anywhere in the code.
+        """
+        def code(spec: CodeSpec) -> Code:
+            return Code(spec.value, spec.scheme, spec.meaning)
+
+        return tuple(
+            Label(value=spec.value, key=spec.key, name=spec.name, type_code=code(spec.type),
+                  category_code=code(spec.category))
+            for spec in self.labels
+        )
 
     @property
     def num_classes(self) -> int:

@@ -106,6 +106,31 @@ def test_compare_reports_dice(segmented: tuple[Path, str], heldout_study: Writte
     assert mean_line.startswith("Mean") and float(mean_line.split()[-1]) >= 0.90
 
 
+def test_compare_names_the_labels_of_the_model_it_is_given(
+    segmented: tuple[Path, str], heldout_study: WrittenStudy, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Labels come from a model's manifest, not from a list in the code."""
+    import json  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from dafne_node.ml.manifest import default_model_dir  # noqa: PLC0415
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["labels"] = [label for label in manifest["labels"] if label["key"] == "soleus"]
+    manifest["labels"][0]["name"] = "Musculus soleus"
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    out, _ = segmented
+    assert main(["compare", str(out), str(heldout_study.files.truth), "--json",
+                 "--model-dir", str(model)]) == 0
+    assert list(json.loads(capsys.readouterr().out)["dice"]) == ["soleus"]
+    assert main(["compare", str(out), str(heldout_study.files.truth),
+                 "--model-dir", str(model)]) == 0
+    assert capsys.readouterr().out.startswith("Musculus soleus")
+
+
 @pytest.mark.parametrize("path", real_world_files(), ids=lambda p: p.name)
 def test_real_world_file_segments_or_is_refused_in_one_line(
     path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
