@@ -31,8 +31,10 @@ __all__ = ["Admission", "AdmissionLimits"]
 
 LOGGER = logging.getLogger(__name__)
 
-ASSOCIATION_REQUEST_LIMIT = 1024 * 1024
-"""Longest A-ASSOCIATE-RQ PDU accepted (128 contexts and a user identity need < 100 KiB)."""
+ASSOCIATION_REQUEST_LIMIT = 256 * 1024
+"""Longest A-ASSOCIATE-RQ PDU accepted: 128 contexts with 15 transfer syntaxes each and a
+user identity need less than 100 KiB. It bounds what waiting connections can hold in
+memory: 512 x 256 KiB = 128 MiB at the very worst, 2 MiB from one address."""
 
 _A_ASSOCIATE_RQ = 0x01
 _A_ABORT = 0x07
@@ -330,9 +332,16 @@ class Admission:
         elif len(entry.received) >= 6 + length:
             self._release(entry)
             sock = entry.sock
-            sock.setblocking(True)
-            sock.settimeout(entry.timeout)
-            self._hand_over(sock, entry.address, bytes(entry.received))
+            try:
+                sock.setblocking(True)
+                sock.settimeout(entry.timeout)
+                self._hand_over(sock, entry.address, bytes(entry.received))
+            except Exception as exc:  # e.g. no thread could be started: the peer is told
+                LOGGER.error("Closed connection from %s: cannot start its association: %s: %s",
+                             entry.describe(), type(exc).__name__, exc)
+                with contextlib.suppress(OSError, ValueError):
+                    sock.send(_abort_pdu(0x00))
+                self._close(sock)
         elif not self._readable_soon(entry):
             self._read(entry)
 

@@ -218,3 +218,20 @@ def test_tls_handshake_failure_closes_with_one_line(
         assert peer.read_pdu(2.0).type == CLOSED
     assert any("TLS handshake failed" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_association_that_cannot_start_is_aborted_not_left_waiting(
+    scp: ServerFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = scp()
+
+    def no_thread(*args: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(server._server, "start_association", no_thread)
+    monkeypatch.setattr(server._server.admission, "_hand_over", no_thread)
+    with RawPeer(server.port) as peer:
+        peer.send(association_request([(Verification, ["1.2.840.10008.1.2"])]))
+        assert peer.read_pdu(2.0).type == A_ABORT_TYPE
+    assert "cannot start its association" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info]
