@@ -58,3 +58,4 @@ def test_fail_keeps_one_line_and_a_finish_time() -> None:
     assert job.state == JobState.FAILED
     assert job.error == "decoder said: frame 3 is short"
     assert job.finished_at is not None
+

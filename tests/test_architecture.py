@@ -1,0 +1,21 @@
+"""The shape of the code that the design promises: what imports what."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_runtime_module_imports_the_phantom_generator() -> None:
+    """The phantom is development and test tooling; a node in a hospital never loads it."""
+    runtime = ["dafne_node.services", "dafne_node.worker", "dafne_node.outbox",
+               "dafne_node.assembler", "dafne_node.api", "dafne_node.segmentation",
+               "dicom_scp", "db"]
+    probe = (f"import sys; import {', '.join(runtime)}; "
+             "print([m for m in sys.modules if m.startswith('dafne_node.phantom')])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
