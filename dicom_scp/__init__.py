@@ -4,6 +4,7 @@ Knows nothing of models or training; the receive path ends at an index
 (:class:`dicom_scp.store.InstanceIndex`) that the node wires to its database.
 """
 
+from dicom_scp.admission import AdmissionLimits
 from dicom_scp.ae import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, build_ae, storage_contexts
 from dicom_scp.header import HeaderError, InstanceHeader, parse_header
 from dicom_scp.policy import AllowedCaller, CallerPolicy, DiskWatermark
@@ -22,6 +23,7 @@ from dicom_scp.store import (
 __all__ = [
     "STORAGE_SOP_CLASSES",
     "TRANSFER_SYNTAXES",
+    "AdmissionLimits",
     "AllowedCaller",
     "CallerPolicy",
     "DiskWatermark",
