@@ -76,7 +76,7 @@ def count_instructions(checkout: Path, stores: int, out: Path) -> int:
     """Total instructions of the receiver of ``checkout`` serving ``stores`` C-STOREs."""
     from pydicom.uid import generate_uid  # noqa: PLC0415
 
-    from tests.dicom_scp.rawpeer import RawPeer, c_store, response_status  # noqa: PLC0415
+    from deploy.rawpeer import RawPeer, c_store, response_status  # noqa: PLC0415
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.dicom_scp.rawpeer import (  # noqa: E402
+from deploy.rawpeer import (  # noqa: E402
     A_ASSOCIATE_AC_TYPE,
     RawPeer,
     command_set,

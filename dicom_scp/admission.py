@@ -213,13 +213,13 @@ class Admission:
         if self._waiting:  # in order of arrival, so the first is the first to expire
             first = next(iter(self._waiting.values())).deadline
             timeout = max(0.0, min(timeout, first - time.monotonic()))
-        for key, events in self._selector.select(timeout):
+        for key, _ in self._selector.select(timeout):
             if key.fileobj is self._wake_r:
                 self._drain_wake()
                 continue
             entry = self._waiting.get(key.fileobj)  # type: ignore[call-overload]
             if entry is not None:
-                self._service(entry, events)
+                self._service(entry)
         self._take_arrivals()
         self._expire()
 
@@ -238,7 +238,7 @@ class Admission:
             self._waiting[entry.sock] = entry
             self._per_host[entry.host] += 1
             self._selector.register(entry.sock, selectors.EVENT_READ)
-            self._service(entry, selectors.EVENT_READ)  # bytes may be there already
+            self._service(entry)  # bytes may be there already
 
     def _make_room(self, host: str) -> None:
         """Close the oldest waiting connections so that one more from ``host`` fits."""
@@ -266,7 +266,7 @@ class Admission:
                 level=logging.INFO,
             )
 
-    def _service(self, entry: _Waiting, events: int) -> None:
+    def _service(self, entry: _Waiting) -> None:
         try:
             if not entry.handshaken and not self._handshake(entry):
                 return

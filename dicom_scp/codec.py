@@ -27,6 +27,7 @@ __all__ = [
     "encode_file_meta",
     "encode_store_response",
     "split_pdata",
+    "text_value",
 ]
 
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian: group, element, length
@@ -65,10 +66,17 @@ def _pad_uid(uid: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
+def text_value(text: str) -> str:
+    """``text`` as an LO, SH or AE value may hold it.
+
+    Printable ASCII; every other character, and the backslash (the value separator),
+    becomes ``?``.
+    """
+    return "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in text)
+
+
 def _pad_text(text: str, limit: int) -> bytes:
-    # LO/SH/AE: no backslash (it is the value separator) and no control characters
-    cleaned = "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in text)[:limit]
-    raw = cleaned.encode("ascii")
+    raw = text_value(text)[:limit].encode("ascii")
     return raw + b" " if len(raw) % 2 else raw
 
 

@@ -233,21 +233,23 @@ def _read(data: bytes | memoryview, transfer_syntax_uid: str, max_header_bytes: 
           ) -> dict[int, bytes]:
     if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         return _read_deflated(data, max_header_bytes)
-    implicit = transfer_syntax_uid == ImplicitVRLittleEndian
-    little = transfer_syntax_uid != ExplicitVRBigEndian
+    return _read_plain(
+        data,
+        implicit=transfer_syntax_uid == ImplicitVRLittleEndian,
+        little=transfer_syntax_uid != ExplicitVRBigEndian,
+    )
+
+
+def _read_plain(
+    data: bytes | memoryview, *, implicit: bool, little: bool, partial: bool = False
+) -> dict[int, bytes]:
+    """An uncompressed data set (or a ``partial`` prefix): the walker, else pydicom."""
     if little:
         try:
-            return _walk(data, implicit)
+            return _walk(data, implicit, partial)
         except _UnhandledEncodingError:
             pass
-    return _read_with_pydicom(data, implicit, little)
-
-
-def _read_little(data: bytes, partial: bool) -> dict[int, bytes]:
-    try:
-        return _walk(data, False, partial)
-    except _UnhandledEncodingError:
-        return _read_with_pydicom(data, False, True, partial)
+    return _read_with_pydicom(data, implicit, little, partial)
 
 
 def _read_deflated(data: bytes | memoryview, max_header_bytes: int) -> dict[int, bytes]:
@@ -266,7 +268,7 @@ def _read_deflated(data: bytes | memoryview, max_header_bytes: int) -> dict[int,
             raise HeaderError(str(exc)) from exc
         final = inflater.finished or len(prefix) < size
         try:
-            return _read_little(prefix, partial=not final)
+            return _read_plain(prefix, implicit=False, little=True, partial=not final)
         except _TruncatedError:
             if final:
                 raise

@@ -26,9 +26,9 @@ from dicom_scp.admission import AdmissionLimits
 from dicom_scp.ae import DEFAULT_MAX_PDU, build_ae, storage_contexts
 from dicom_scp.handlers import direct_store_handler, event_handlers
 from dicom_scp.policy import CallerPolicy, DiskWatermark
-from dicom_scp.reactor import DEFAULT_MAX_DATASET_BYTES, StorageAssociationServer, make_server
+from dicom_scp.reactor import StorageAssociationServer, make_server
 from dicom_scp.spool import Spool
-from dicom_scp.store import InstanceIndex, StoreService
+from dicom_scp.store import DEFAULT_MAX_INSTANCE_BYTES, InstanceIndex, StoreService
 
 __all__ = ["StorageServer"]
 
@@ -98,7 +98,7 @@ class StorageServer:
         event_driven: bool | None = None,
         index_timeout_s: float = 30.0,
         admission: AdmissionLimits | None = None,
-        max_instance_bytes: int = DEFAULT_MAX_DATASET_BYTES,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     ) -> None:
         self.ae_title = ae_title
         self.host = host

@@ -47,13 +47,14 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicom_scp.ae import DAFNE_IMPLEMENTATION_UID, DAFNE_IMPLEMENTATION_VERSION
-from dicom_scp.codec import encode_file_meta
+from dicom_scp.codec import encode_file_meta, text_value
 from dicom_scp.deflate import InflateError, InflateLimitError, inflated_size
 from dicom_scp.header import HeaderError, InstanceHeader, parse_header
 from dicom_scp.policy import DiskWatermark
 from dicom_scp.spool import Spool, SpoolError, StagedFile
 
 __all__ = [
+    "DEFAULT_MAX_INSTANCE_BYTES",
     "STATUS_BAD_DATASET",
     "STATUS_DISK_FULL",
     "STATUS_INDEX_FAILED",
@@ -76,6 +77,10 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MAX_INSTANCE_BYTES = 256 * 2**20
+"""Largest instance accepted unless configured (``dicom.max_instance_mb``); it bounds the
+memory one association's C-STORE can take while it arrives."""
 
 STATUS_SUCCESS = 0x0000
 STATUS_DISK_FULL = 0xA700
@@ -289,22 +294,18 @@ def error_comment(reason: str, detail: str | None = None) -> str:
         If ``reason`` itself is longer than an Error Comment may be (a programming error:
         reasons are short fixed phrases).
     """
-    reason = _lo_text(reason)
+    reason = text_value(reason).strip()
     if len(reason) > ERROR_COMMENT_LENGTH:
         raise ValueError(f"Error Comment reason longer than 64 characters: {reason!r}")
     if not detail:
         return reason
     room = ERROR_COMMENT_LENGTH - len(reason) - 2
-    detail = _lo_text(detail)
+    detail = text_value(detail).strip()
     if room < 4:
         return reason
     if len(detail) > room:
         detail = detail[: room - 3].rstrip() + "..."
     return f"{reason}: {detail}"
-
-
-def _lo_text(text: str) -> str:
-    return "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in text).strip()
 
 
 def too_large(size: int | None, limit: int) -> StoreResult:
@@ -371,7 +372,7 @@ class StoreService:
         watermark: DiskWatermark | None = None,
         index_timeout_s: float = 30.0,
         max_batch: int = 256,
-        max_instance_bytes: int = 256 * 2**20,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     ) -> None:
         self.spool = spool
         self.max_instance_bytes = max_instance_bytes

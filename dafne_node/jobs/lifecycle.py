@@ -51,15 +51,14 @@ def _move(job: Job, to: JobState, *, error: str | None = None) -> None:
             f"job {job.id} ({job.kind}) cannot go from {current.value} to {to.value}"
         )
     job.state = to
-    job.error = error
+    job.error = None if error is None else " ".join(error.split())  # also a log line
     job.finished_at = utcnow() if to in _FINAL or to == JobState.FAILED else None
 
 
 def fail(job: Job, reason: str) -> None:
-    """The job failed for good with ``reason`` (one line: it is also a log line)."""
-    reason = " ".join(reason.split())
+    """The job failed for good with ``reason`` (kept on one line: it is also a log line)."""
     _move(job, JobState.FAILED, error=reason)
-    LOGGER.error("job %d failed: %s", job.id, reason, extra={"job_id": job.id})
+    LOGGER.error("job %d failed: %s", job.id, job.error, extra={"job_id": job.id})
 
 
 def skip(job: Job, reason: str) -> None:
@@ -70,7 +69,7 @@ def skip(job: Job, reason: str) -> None:
 
 def requeue(job: Job, reason: str, *, not_before: datetime) -> None:
     """Try the job again after an unexpected error, not before ``not_before``."""
-    _move(job, JobState.QUEUED, error=" ".join(reason.split()))
+    _move(job, JobState.QUEUED, error=reason)
     job.claimed_by = None
     job.not_before = not_before
     LOGGER.warning("job %d: attempt %d failed (%s); retrying", job.id, job.attempts,

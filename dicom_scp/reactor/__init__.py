@@ -15,11 +15,10 @@ when the installed version differs.
 
 from dicom_scp.reactor.association import EventDrivenAssociation, EventDrivenRequestHandler
 from dicom_scp.reactor.contract import differences, is_supported
-from dicom_scp.reactor.direct import DEFAULT_MAX_DATASET_BYTES, DirectStoreHandler
+from dicom_scp.reactor.direct import DirectStoreHandler
 from dicom_scp.reactor.server import StorageAssociationServer, make_server
 
 __all__ = [
-    "DEFAULT_MAX_DATASET_BYTES",
     "DirectStoreHandler",
     "EventDrivenAssociation",
     "EventDrivenRequestHandler",

@@ -36,9 +36,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler
 
 from dicom_scp.ae import set_nodelay
-from dicom_scp.reactor.direct import DEFAULT_MAX_DATASET_BYTES, DirectDIMSE, DirectStoreHandler
+from dicom_scp.reactor.direct import DirectDIMSE, DirectStoreHandler
 from dicom_scp.reactor.dul import IDLE_WAIT_S, EventDrivenDUL, SignalQueue, peer_name
 from dicom_scp.reactor.sockets import TunedSocket
+from dicom_scp.store import DEFAULT_MAX_INSTANCE_BYTES
 
 __all__ = [
     "STANDARD_LOGGING_HANDLERS",
@@ -63,7 +64,7 @@ class EventDrivenAssociation(Association):
 
     store_handler: DirectStoreHandler | None = None
     """Serves C-STOREs on the direct path; ``None`` sends them through pynetdicom."""
-    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES
+    max_dataset_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     """Largest data set one C-STORE may bring (refused with 0xA700 beyond)."""
 
     def __init__(self, ae: ApplicationEntity, mode: str) -> None:
@@ -200,7 +201,7 @@ class EventDrivenRequestHandler(RequestHandler):
         association_class = getattr(server, "association_class", EventDrivenAssociation)
         assoc = association_class(self.ae, MODE_ACCEPTOR)
         assoc.store_handler = getattr(server, "store_handler", None)
-        assoc.max_dataset_bytes = getattr(server, "max_dataset_bytes", DEFAULT_MAX_DATASET_BYTES)
+        assoc.max_dataset_bytes = getattr(server, "max_dataset_bytes", DEFAULT_MAX_INSTANCE_BYTES)
         assoc._server = server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
 

@@ -42,14 +42,13 @@ from dicom_scp.codec import (
     split_pdata,
 )
 from dicom_scp.reactor.dul import peer_name
-from dicom_scp.store import too_large
+from dicom_scp.store import DEFAULT_MAX_INSTANCE_BYTES, too_large
 
 if TYPE_CHECKING:
     from dicom_scp.reactor.association import EventDrivenAssociation
 
 __all__ = [
     "COMMAND_SET_LIMIT",
-    "DEFAULT_MAX_DATASET_BYTES",
     "DirectDIMSE",
     "DirectStoreHandler",
     "MessageTooLargeError",
@@ -59,8 +58,6 @@ LOGGER = logging.getLogger(__name__)
 
 COMMAND_SET_LIMIT = 64 * 1024
 """Longest command set accepted; a C-STORE-RQ's is about 200 bytes."""
-DEFAULT_MAX_DATASET_BYTES = 256 * 1024 * 1024
-"""Largest data set kept in memory for one C-STORE unless the server sets another."""
 
 _COMMAND = 0x01
 _LAST = 0x02
@@ -160,7 +157,7 @@ class DirectDIMSE(DIMSEServiceProvider):
 
     @property
     def _limit(self) -> int:
-        return int(getattr(self.assoc, "max_dataset_bytes", DEFAULT_MAX_DATASET_BYTES))
+        return int(getattr(self.assoc, "max_dataset_bytes", DEFAULT_MAX_INSTANCE_BYTES))
 
     def _direct_ok(self) -> bool:
         # pynetdicom may be half-way through a message of its own, or someone may want its

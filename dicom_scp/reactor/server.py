@@ -29,7 +29,8 @@ from dicom_scp.reactor.association import (
     EventDrivenRequestHandler,
 )
 from dicom_scp.reactor.contract import differences, is_supported
-from dicom_scp.reactor.direct import DEFAULT_MAX_DATASET_BYTES, DirectStoreHandler
+from dicom_scp.reactor.direct import DirectStoreHandler
+from dicom_scp.store import DEFAULT_MAX_INSTANCE_BYTES
 
 __all__ = ["StorageAssociationServer", "make_server"]
 
@@ -45,7 +46,7 @@ class StorageAssociationServer(ThreadedAssociationServer):
     arrives during a burst of connections (a scanner), delaying it by a second or more."""
     pdu_logging = False
     store_handler: DirectStoreHandler | None = None
-    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES
+    max_dataset_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     association_class: type[Association] = EventDrivenAssociation
     admission: Admission
 
@@ -97,7 +98,7 @@ def make_server(
     event_driven: bool | None = None,
     pdu_logging: bool = False,
     store_handler: DirectStoreHandler | None = None,
-    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
+    max_dataset_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     admission: AdmissionLimits | None = None,
     address_check: AddressCheck | None = None,
 ) -> StorageAssociationServer:

@@ -19,16 +19,16 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicom_scp.admission import AdmissionLimits
-from dicom_scp.policy import AllowedCaller, CallerPolicy
-from tests.dicom_scp.helpers import ServerFactory
-from tests.dicom_scp.rawpeer import (
+from deploy.rawpeer import (
     A_ABORT_TYPE,
     A_ASSOCIATE_AC_TYPE,
     CLOSED,
     RawPeer,
     association_request,
 )
+from dicom_scp.admission import AdmissionLimits
+from dicom_scp.policy import AllowedCaller, CallerPolicy
+from tests.dicom_scp.helpers import ServerFactory
 
 REQUEST_TIMEOUT_S = 1.0
 

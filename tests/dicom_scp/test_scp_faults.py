@@ -18,9 +18,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage
 
-from dicom_scp.store import ERROR_COMMENT_LENGTH, error_comment
-from tests.dicom_scp.helpers import ServerFactory, data_set_offset
-from tests.dicom_scp.rawpeer import (
+from deploy.rawpeer import (
     A_ABORT_TYPE,
     A_ASSOCIATE_AC_TYPE,
     CLOSED,
@@ -32,6 +30,8 @@ from tests.dicom_scp.rawpeer import (
     response_status,
     store_request_elements,
 )
+from dicom_scp.store import ERROR_COMMENT_LENGTH, error_comment
+from tests.dicom_scp.helpers import ServerFactory, data_set_offset
 
 CONTEXTS = [(MRImageStorage, [ExplicitVRLittleEndian])]
 

@@ -137,7 +137,7 @@ class Campaign:
             ImplicitVRLittleEndian,
         )
 
-        from tests.dicom_scp.rawpeer import A_ASSOCIATE_AC_TYPE, RawPeer  # noqa: PLC0415
+        from deploy.rawpeer import A_ASSOCIATE_AC_TYPE, RawPeer  # noqa: PLC0415
 
         peer = RawPeer(NODE_PORT, timeout=5.0)
         answer = peer.associate([
@@ -152,7 +152,7 @@ class Campaign:
 
     def echo_answered(self, peer: Any, case: str) -> bool:
         """Send a C-ECHO; record the case as unanswered if nothing at all comes back."""
-        from tests.dicom_scp.rawpeer import (  # noqa: PLC0415
+        from deploy.rawpeer import (  # noqa: PLC0415
             A_ABORT_TYPE,
             CLOSED,
             P_DATA_TF_TYPE,
@@ -181,7 +181,7 @@ class Campaign:
         from pydicom.filewriter import write_dataset  # noqa: PLC0415
         from pydicom.uid import generate_uid  # noqa: PLC0415
 
-        from tests.dicom_scp.rawpeer import (  # noqa: PLC0415
+        from deploy.rawpeer import (  # noqa: PLC0415
             P_DATA_TF_TYPE,
             SILENCE,
             c_store,
@@ -220,7 +220,7 @@ class Campaign:
         peer.close()
 
     def pdus(self) -> None:
-        from tests.dicom_scp.rawpeer import (  # noqa: PLC0415
+        from deploy.rawpeer import (  # noqa: PLC0415
             A_RELEASE_RP_TYPE,
             association_request,
             command_set,
@@ -233,7 +233,7 @@ class Campaign:
             self.cases += 1
             family = number % 6
             if family == 0:  # a mutated association request, before any association
-                from tests.dicom_scp.rawpeer import RawPeer  # noqa: PLC0415
+                from deploy.rawpeer import RawPeer  # noqa: PLC0415
 
                 body = _mutate(rng, echo_rq[6:])
                 with RawPeer(NODE_PORT, timeout=5.0) as peer:
@@ -272,7 +272,7 @@ class Campaign:
         from pydicom.filebase import DicomBytesIO  # noqa: PLC0415
         from pydicom.filewriter import write_dataset  # noqa: PLC0415
 
-        from tests.dicom_scp.rawpeer import (  # noqa: PLC0415
+        from deploy.rawpeer import (  # noqa: PLC0415
             command_set,
             pdata,
             store_request_elements,

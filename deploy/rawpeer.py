@@ -4,6 +4,10 @@ pynetdicom and dcmtk refuse to send broken PDUs, so fuzzing and fault tests spea
 upper layer protocol byte by byte here: a real association request (encoded by
 pynetdicom's PDU classes), then whatever bytes the test wants, and it reads the node's
 answers PDU by PDU with a timeout, so a test can tell an answer from silence.
+
+Used by the receiver's fault and fuzz tests and by ``bench/memory.py`` and
+``bench/instructions.py``; it lives here, beside ``deploy/netns.py``, so that benchmarks
+import no test code.
 """
 
 from __future__ import annotations
