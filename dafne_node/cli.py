@@ -539,7 +539,7 @@ def run_compare(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
     reference = decode_segmentation(dcmread(args.reference), labels)
     candidate = decode_segmentation(dcmread(args.seg), labels,
-                                    reference.source_sop_instance_uids)
+                                    reference.source_frames)
     scores = dice_per_label(candidate.label_map, reference.label_map,
                             [label.value for label in labels])
     mean = mean_dice(scores)

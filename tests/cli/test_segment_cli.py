@@ -13,7 +13,7 @@ from pydicom import dcmread
 from dafne_node.cli import main
 from dafne_node.labels import LEG_MUSCLES
 from dafne_node.ml.metrics import dice_per_label, mean_dice
-from dafne_node.seg import decode_segmentation
+from dafne_node.seg import SourceFrame, decode_segmentation
 from dafne_node.volume import load_volume, read_series
 from tests.conftest import WrittenStudy
 
@@ -50,7 +50,8 @@ def test_segment_reaches_dice_090_on_heldout_site_a(
     segmented: tuple[Path, str], heldout_study: WrittenStudy
 ) -> None:
     out, _ = segmented
-    decoded = decode_segmentation(dcmread(out), LEG_MUSCLES, heldout_study.study.sop_instance_uids)
+    frames = [SourceFrame(uid) for uid in heldout_study.study.sop_instance_uids]
+    decoded = decode_segmentation(dcmread(out), LEG_MUSCLES, frames)
     scores = dice_per_label(decoded.label_map, heldout_study.study.labels,
                             [label.value for label in LEG_MUSCLES])
     assert mean_dice(scores) >= 0.90, scores

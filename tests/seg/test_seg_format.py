@@ -16,6 +16,7 @@ from dafne_node.labels import LEG_MUSCLES
 from dafne_node.seg import (
     SegmentationAlgorithm,
     SegmentationError,
+    SourceFrame,
     decode_segmentation,
     encode_segmentation,
 )
@@ -112,7 +113,8 @@ def test_seg_references_sources_and_omits_empty_frames(
 
 
 def test_highdicom_round_trip_is_exact(truth_seg: Dataset, small_study: WrittenStudy) -> None:
-    decoded = decode_segmentation(truth_seg, LEG_MUSCLES, small_study.study.sop_instance_uids)
+    decoded = decode_segmentation(truth_seg, LEG_MUSCLES,
+                                  [SourceFrame(uid) for uid in small_study.study.sop_instance_uids])
     np.testing.assert_array_equal(decoded.label_map, small_study.study.labels)
     assert set(decoded.algorithm_types.values()) == {"MANUAL"}
 
@@ -177,7 +179,8 @@ def test_viewer_made_seg_is_decoded_by_segment_code(
          "--outputDICOM", str(output), "--inputMetadata", str(meta_file)],
         check=True, capture_output=True, timeout=120,
     )
-    decoded = decode_segmentation(dcmread(output), LEG_MUSCLES, small_study.study.sop_instance_uids)
+    decoded = decode_segmentation(dcmread(output), LEG_MUSCLES,
+                                  [SourceFrame(uid) for uid in small_study.study.sop_instance_uids])
     np.testing.assert_array_equal(decoded.label_map, truth)
 
 
@@ -196,5 +199,5 @@ def test_encode_refuses_a_label_map_that_does_not_fit(small_study: WrittenStudy)
 
 
 def test_decode_refuses_a_seg_of_unknown_structures(truth_seg: Dataset) -> None:
-    with pytest.raises(SegmentationError, match="none of the segments is a known structure"):
+    with pytest.raises(SegmentationError, match="no segment maps to a model label"):
         decode_segmentation(truth_seg, labels=[])

@@ -1,0 +1,4 @@
+"""The learning half of the loop: corrections become examples, windows train, deltas leave.
+
+correction → example → window → fine-tune → gate → delta (→ federation sync, next).
+"""
