@@ -164,6 +164,14 @@ class ModelSection(_Section):
     precision: str = Field(default="auto", pattern="^(auto|bf16|fp32)$")
 
 
+class CorrectionsSection(_Section):
+    """How SEGs that come back from viewers are understood."""
+
+    label_aliases: dict[str, list[str]] = Field(default_factory=dict)
+    """Extra segment labels per model label key, e.g. ``soleus = ["SOL", "m. soleus"]``,
+    for viewers that keep only the segment's name (OHIF replaces the codes)."""
+
+
 class NodeConfig(_Section):
     """Everything a node needs, with defaults that run out of the box."""
 
@@ -177,6 +185,7 @@ class NodeConfig(_Section):
     routes: list[Route] = Field(default_factory=list)
     sending: SendingSection = SendingSection()
     model: ModelSection = ModelSection()
+    corrections: CorrectionsSection = CorrectionsSection()
 
     @property
     def database_url(self) -> str:

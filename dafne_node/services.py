@@ -28,14 +28,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.assembler import SeriesAssembler
 from dafne_node.config import NodeConfig
+from dafne_node.inference.segment import SegmentHandler
+from dafne_node.jobs.runner import JobHandler, JobRunner
+from dafne_node.learning.corrections import CorrectionHandler
 from dafne_node.model_registry import register_active_model
 from dafne_node.outbox import OutboxSender, requeue_interrupted_sends
 from dafne_node.segmentation import SeriesSegmenter
-from dafne_node.worker import SegmentationWorker
 from db.base import utcnow
 from db.jobs import requeue_stale_jobs
 from db.migrate import upgrade
-from db.node_models import Job, JobState, OutboxItem, Series, SeriesState
+from db.node_models import Job, JobKind, JobState, OutboxItem, Series, SeriesState
 from db.repository import SqlInstanceIndex
 from db.session import make_engine, make_session_factory
 from dicom_scp.admission import AdmissionLimits
@@ -146,11 +148,10 @@ class Node:
             self.storage = self._storage_server()
             self.storage.start()
         assembler = SeriesAssembler(self.sessions, self.config)
-        worker = SegmentationWorker(self.sessions, self.config, self.segmenter, self.worker_id)
+        runner = JobRunner(self.sessions, self._handlers(), self.worker_id)
         outbox = OutboxSender(self.sessions, self.config, self.worker_id)
         sending = _Loop("outbox", outbox.run_once, 0.5, self._stop)
-        segmenting = _Loop("segmentation-worker", worker.run_once, 0.5, self._stop,
-                           then=sending)
+        segmenting = _Loop("job-runner", runner.run_once, 0.5, self._stop, then=sending)
         loops = [
             _Loop("assembler", assembler.run_once, 0.25, self._stop, then=segmenting),
             segmenting,
@@ -163,6 +164,14 @@ class Node:
         if self._http:
             self._start_http()
         LOGGER.info("node %s started (model %s g%d)", self.worker_id, *self.model_info)
+
+    def _handlers(self) -> dict[JobKind, JobHandler]:
+        """The job kinds this process runs: segmentation and correction handling."""
+        return {
+            JobKind.SEGMENT: SegmentHandler(self.sessions, self.config, self.segmenter),
+            JobKind.CORRECTION: CorrectionHandler(self.sessions, self.config,
+                                                  self.segmenter.labels),
+        }
 
     def _storage_server(self) -> StorageServer:
         dicom = self.config.dicom

@@ -7,6 +7,8 @@ The loop of the design maps onto these tables::
             -> outbox (one row per file and destination: pending -> sending -> sent | failed)
     corrections, training and federation sync are further job kinds; models records the
     generations on disk and which one is active.
+    SEG from a viewer -> jobs (kind correction) -> corrections (one row per SEG instance:
+            confirmed | queued -> trained | superseded, or unusable | rejected with a reason)
 
 States and kinds are stored as short strings (no database enum or CHECK), so adding a job
 kind or state later needs no migration; the Python enums below are the vocabulary.
@@ -36,6 +38,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from db.base import JSONType, UTCDateTime, new_metadata, utcnow
 
 __all__ = [
+    "CORRECTION_TRANSITIONS",
+    "JOB_TRANSITIONS",
+    "Correction",
+    "CorrectionState",
     "Instance",
     "Job",
     "JobKind",
@@ -324,6 +330,80 @@ class Model(NodeBase):
     manifest: Mapped[dict[str, Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column()
+
+
+class CorrectionState(StrEnum):
+    """What became of a SEG that a viewer sent back."""
+
+    CONFIRMED = "confirmed"
+    """Same content as the node's SEG: the radiologist accepted it; nothing to learn."""
+    QUEUED = "queued"
+    """A training example waits for a training window."""
+    TRAINED = "trained"
+    """A training run that was accepted learned from it (kept for replay)."""
+    SUPERSEDED = "superseded"
+    """A newer correction of the same series replaced it; never trained on again."""
+    UNUSABLE = "unusable"
+    """A correction whose source images are gone (see ``reason``)."""
+    REJECTED = "rejected"
+    """Not a correction the node can use: unreadable, unknown images, no mappable segment,
+    frames off the source geometry (see ``reason``)."""
+
+
+CORRECTION_TRANSITIONS: dict[CorrectionState, frozenset[CorrectionState]] = {
+    CorrectionState.QUEUED: frozenset({CorrectionState.TRAINED, CorrectionState.SUPERSEDED,
+                                       CorrectionState.UNUSABLE}),
+    CorrectionState.TRAINED: frozenset({CorrectionState.SUPERSEDED}),
+    CorrectionState.CONFIRMED: frozenset({CorrectionState.SUPERSEDED}),
+    CorrectionState.SUPERSEDED: frozenset(),
+    CorrectionState.UNUSABLE: frozenset(),
+    CorrectionState.REJECTED: frozenset(),
+}
+"""A correction's allowed state changes after it was recorded."""
+
+
+class Correction(_Timestamps, NodeBase):
+    """One SEG instance a viewer sent back, and what the node made of it.
+
+    The training example itself (image volume, corrected label map, no DICOM header) is a
+    file under the data directory named by ``example_path``; this row keeps the local
+    identifiers (UIDs) that the example must not carry.
+    """
+
+    __tablename__ = "corrections"
+    __table_args__ = (Index("ix_corrections_state", "state", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    seg_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    seg_series_id: Mapped[int | None] = mapped_column(
+        ForeignKey("series.id", ondelete="SET NULL"))
+    source_series_id: Mapped[int | None] = mapped_column(
+        ForeignKey("series.id", ondelete="SET NULL"), index=True)
+    source_series_uid: Mapped[str | None] = mapped_column(UID)
+    state: Mapped[CorrectionState] = mapped_column(_str_enum(CorrectionState))
+    reason: Mapped[str | None] = mapped_column(Text)
+    writer: Mapped[str | None] = mapped_column(String(128))
+    """Manufacturer and software of the SEG (which viewer wrote it)."""
+    labels: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    """Keys of the model labels the correction's segments mapped to."""
+    unmapped: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    """Segments that mapped to no label, as ``"number: label (code meaning)"``."""
+    dice: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """Dice per label key between the node's SEG and the correction (null: both empty)."""
+    changed_slices: Mapped[list[int]] = mapped_column(JSONType, default=list)
+    """Slices (0-based, along the slice normal) where the correction differs."""
+    corrects_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    """The segment job whose SEG was compared with."""
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    """The model and version (``g1``, ``g1-local2``) whose SEG this corrects."""
+    example_path: Mapped[str | None] = mapped_column(Text)
+    """The training example, relative to the data directory."""
+    superseded_by_id: Mapped[int | None] = mapped_column(
+        ForeignKey("corrections.id", ondelete="SET NULL"))
+    trained_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    """The training job that learned from it."""
 
 
 class NodeState(NodeBase):

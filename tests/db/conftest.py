@@ -45,8 +45,8 @@ def pg_engine(pg_schema: str) -> Iterator[Engine]:
     with engine.begin() as connection:
         connection.execute(
             text(
-                "TRUNCATE outbox, jobs, instances, series, studies, models, node_state "
-                "RESTART IDENTITY CASCADE"
+                "TRUNCATE corrections, outbox, jobs, instances, series, studies, models, "
+                "node_state RESTART IDENTITY CASCADE"
             )
         )
     engine.dispose()

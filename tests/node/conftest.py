@@ -13,9 +13,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.assembler import SeriesAssembler
 from dafne_node.config import NodeConfig, load_config
+from dafne_node.inference.segment import SegmentHandler
+from dafne_node.jobs.runner import JobRunner
 from dafne_node.segmentation import SeriesSegmenter
 from db.base import utcnow
 from db.migrate import upgrade
+from db.node_models import JobKind
 from db.repository import index_instances
 from db.session import make_engine, make_session_factory
 from dicom_scp.store import ReceivedInstance
@@ -38,6 +41,13 @@ def make_node(folder: Path) -> Node:
     engine = make_engine(config.database_url)
     upgrade(engine)
     return config, make_session_factory(engine)
+
+
+def segment_runner(node: Node, segmenter: SeriesSegmenter, worker_id: str = "w1") -> JobRunner:
+    """A job runner that runs segment jobs, as a node's worker does."""
+    config, sessions = node
+    return JobRunner(sessions, {JobKind.SEGMENT: SegmentHandler(sessions, config, segmenter)},
+                     worker_id)
 
 
 def spool_series(node: Node, files: Sequence[Path], *, received_at: datetime) -> None:

@@ -37,11 +37,10 @@ from dafne_node import volume
 from dafne_node.codestream import FrameShape, frame_problem
 from dafne_node.segmentation import SeriesSegmenter
 from dafne_node.volume import InputError, load_volume, read_series
-from dafne_node.worker import SegmentationWorker
 from db.base import utcnow
 from db.node_models import Job, JobState, Series
 from tests.conftest import WrittenStudy
-from tests.node.conftest import Node, make_node, spool_series
+from tests.node.conftest import Node, make_node, segment_runner, spool_series
 
 BROKEN = 5
 """Index of the broken image in a one-broken-image case (Instance Number 6)."""
@@ -313,7 +312,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, small_study: WrittenStudy,
     """Queue every corrupt series, then the valid phantom; one worker runs the whole queue."""
     folder = tmp_path_factory.mktemp("corrupt")
     node = make_node(folder)
-    config, sessions = node
+    _config, sessions = node
     started = utcnow() - timedelta(hours=1)
     broken_uids = {}
     for offset, (name, corruption) in enumerate(CORRUPTIONS.items()):
@@ -323,7 +322,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, small_study: WrittenStudy,
                                     stop_before_pixels=True).SOPInstanceUID
     spool_series(node, small_study.files.images, received_at=started + timedelta(minutes=1))
 
-    worker = SegmentationWorker(sessions, config, segmenter, "w1")
+    worker = segment_runner(node, segmenter)
     logged_by_job: dict[int, list[logging.LogRecord]] = {}
     for _ in range(len(CORRUPTIONS) + 1):
         with recording() as recorder:
@@ -428,8 +427,8 @@ def test_a_panic_outside_the_decoders_is_an_unexpected_failure_not_a_dead_worker
         raise FakePanic("index out of bounds")
 
     monkeypatch.setattr(segmenter, "segment_series", panic)
-    config, sessions = node
-    assert SegmentationWorker(sessions, config, segmenter, "w1").run_once() is None
+    _config, sessions = node
+    assert segment_runner(node, segmenter).run_once() is None
     with sessions() as session:
         job = session.scalars(select(Job)).one()
     # Not the input's fault as far as anyone knows: retried later, like any unexpected error.

@@ -9,18 +9,17 @@ from sqlalchemy import select, update
 
 from dafne_node.assembler import SeriesAssembler
 from dafne_node.segmentation import SeriesSegmenter
-from dafne_node.worker import SegmentationWorker
 from db.base import utcnow
 from db.node_models import Job, JobState, OutboxItem, Series, SeriesState
 from tests.conftest import WrittenStudy
-from tests.node.conftest import Node
+from tests.node.conftest import Node, segment_runner
 
 
 def test_job_writes_one_seg_and_queues_its_delivery(
     node: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy,
 ) -> None:
-    config, sessions = node
-    worker = SegmentationWorker(sessions, config, segmenter, "w1")
+    _config, sessions = node
+    worker = segment_runner(node, segmenter)
     done = worker.run_once()
     assert done is not None and done.seg_path.exists()
     seg = dcmread(done.seg_path)
@@ -48,10 +47,10 @@ def test_job_writes_one_seg_and_queues_its_delivery(
 def test_missing_spool_files_are_left_out_not_fatal(
     node: Node, segmenter: SeriesSegmenter,
 ) -> None:
-    config, sessions = node
+    config, _sessions = node
     lost = sorted(config.spool_dir.rglob("*.dcm"))[0]
     lost.unlink()
-    done = SegmentationWorker(sessions, config, segmenter, "w1").run_once()
+    done = segment_runner(node, segmenter).run_once()
     assert done is not None
     referenced = dcmread(done.seg_path).ReferencedSeriesSequence[0].ReferencedInstanceSequence
     assert len(referenced) == 11  # the 12-slice series less the lost file
@@ -61,7 +60,7 @@ def test_a_new_revision_supersedes_the_seg_in_the_same_series(
     node: Node, segmenter: SeriesSegmenter,
 ) -> None:
     config, sessions = node
-    worker = SegmentationWorker(sessions, config, segmenter, "w1")
+    worker = segment_runner(node, segmenter)
     first = worker.run_once()
     assert first is not None
     # A late instance reopened the series (the index does this): revision 1, quiet again.

@@ -1,4 +1,4 @@
-"""The segmentation worker: claims segment jobs, writes the SEG, queues its delivery.
+"""Segment jobs: a complete image series becomes a SEG queued for delivery to PACS.
 
 Each step is durable before the next begins, so a worker killed at any moment
 leaves a job that a restart finishes: the SEG's UIDs derive from the series and
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -19,15 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from dafne_node.config import ConfigError, NodeConfig
 from dafne_node.dicomio import save_dataset_atomically
 from dafne_node.jobs import lifecycle
+from dafne_node.jobs.runner import ClaimedJob
 from dafne_node.segmentation import SegmentationResult, SeriesSegmenter
 from dafne_node.volume import InputError, read_series
 from db.base import dialect_insert, utcnow
-from db.jobs import claim_next_job
 from db.node_models import (
     JOB_TRANSITIONS,
     Instance,
     Job,
-    JobKind,
     JobState,
     OutboxItem,
     OutboxState,
@@ -35,11 +33,6 @@ from db.node_models import (
 )
 
 LOGGER = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 3
-"""Attempts at an unexpected failure (e.g. out of memory) before a job is failed."""
-
-RETRY_DELAY = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -52,8 +45,8 @@ class SegmentedJob:
     destinations: tuple[str, ...]
 
 
-class SegmentationWorker:
-    """Runs segment jobs one at a time with one loaded model.
+class SegmentHandler:
+    """Runs segment jobs with one loaded model (the runner's handler for ``segment``).
 
     Parameters
     ----------
@@ -63,8 +56,6 @@ class SegmentationWorker:
         Destinations, data directory and spool location.
     segmenter:
         The loaded model, shared with the rest of the process.
-    worker_id:
-        Recorded in ``jobs.claimed_by``; unique per process (host:pid).
     """
 
     def __init__(
@@ -72,25 +63,28 @@ class SegmentationWorker:
         session_factory: sessionmaker[Session],
         config: NodeConfig,
         segmenter: SeriesSegmenter,
-        worker_id: str,
     ) -> None:
         self._sessions = session_factory
         self._config = config
         self._segmenter = segmenter
-        self.worker_id = worker_id
 
     @property
     def results_dir(self) -> Path:
         """Where SEGs are kept until (and after) delivery."""
         return self._config.node.data_dir / "results"
 
-    def run_once(self) -> SegmentedJob | None:
-        """Claim and run one segment job; None when there was nothing to do."""
+    def handle(self, claimed: ClaimedJob) -> SegmentedJob | None:
+        """Segment the job's series; the SEG written and queued, or None if there is none.
+
+        Unexpected errors are raised for the runner to retry; a series that cannot be
+        segmented fails its job at once with the reason.
+        """
+        job_id = claimed.id
         with self._sessions() as session, session.begin():
-            job = claim_next_job(session, [JobKind.SEGMENT], self.worker_id)
+            job = session.get(Job, job_id, with_for_update=True)
             if job is None:
                 return None
-            job_id, revision = job.id, job.series_revision or 0
+            revision = job.series_revision or 0
             series = session.get(Series, job.series_id) if job.series_id else None
             if series is None:
                 lifecycle.fail(job, "the series of this job no longer exists")
@@ -110,18 +104,12 @@ class SegmentationWorker:
                     len(paths), extra={"job_id": job_id, "series_uid": series_uid})
         try:
             result = self._segment(paths, revision)
-            seg_path = self.results_dir / series_uid / f"{result.seg.SOPInstanceUID}.dcm"
-            save_dataset_atomically(result.seg, seg_path)
         except InputError as exc:
-            self._finish_failed(job_id, str(exc), retry=False)
+            self._fail(claimed, str(exc))
             return None
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # also a native library's panic (pyo3's PanicException)
-            LOGGER.exception("job %d: segmentation failed", job_id, extra={"job_id": job_id})
-            self._finish_failed(job_id, f"{type(exc).__name__}: {exc}", retry=True)
-            return None
-        self._queue_delivery(job_id, result, seg_path, destinations)
+        seg_path = self.results_dir / series_uid / f"{result.seg.SOPInstanceUID}.dcm"
+        save_dataset_atomically(result.seg, seg_path)
+        self._queue_delivery(claimed, result, seg_path, destinations)
         return SegmentedJob(job_id, seg_path, result.seg.SOPInstanceUID, destinations)
 
     def _segment(self, paths: list[Path], revision: int) -> SegmentationResult:
@@ -138,12 +126,12 @@ class SegmentationWorker:
             raise InputError(f"spooled files are not one readable series: {reasons}")
         return self._segmenter.segment_series(series[0], revision=revision)
 
-    def _queue_delivery(self, job_id: int, result: SegmentationResult, seg_path: Path,
+    def _queue_delivery(self, claimed: ClaimedJob, result: SegmentationResult, seg_path: Path,
                         destinations: tuple[str, ...]) -> None:
-        sop_uid = result.seg.SOPInstanceUID
+        job_id, sop_uid = claimed.id, result.seg.SOPInstanceUID
         with self._sessions() as session, session.begin():
             job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.state != JobState.RUNNING or job.claimed_by != self.worker_id:
+            if job is None or job.state != JobState.RUNNING or job.claimed_by != claimed.worker_id:
                 LOGGER.warning("job %d was taken from this worker; result dropped", job_id)
                 return
             series = session.get(Series, job.series_id) if job.series_id else None
@@ -186,14 +174,11 @@ class SegmentationWorker:
         LOGGER.info("job %d: SEG %s written, %d destination(s)", job_id, sop_uid, len(destinations),
                     extra={"job_id": job_id, "sop_instance_uid": sop_uid})
 
-    def _finish_failed(self, job_id: int, reason: str, *, retry: bool) -> None:
+    def _fail(self, claimed: ClaimedJob, reason: str) -> None:
         with self._sessions() as session, session.begin():
-            job = session.get(Job, job_id, with_for_update=True)
-            if job is None or job.state != JobState.RUNNING:
-                return
-            if retry and job.attempts < MAX_ATTEMPTS:
-                lifecycle.requeue(job, reason, not_before=utcnow() + RETRY_DELAY * job.attempts)
-            else:
+            job = session.get(Job, claimed.id, with_for_update=True)
+            if job is not None and job.state == JobState.RUNNING \
+                    and job.claimed_by == claimed.worker_id:
                 lifecycle.fail(job, reason)
 
 

@@ -1,0 +1,220 @@
+"""Corrections: SEGs coming back are recognised, compared and queued, or refused with a reason."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dafne_node.dicomio import save_dataset_atomically
+from dafne_node.inference.segment import SegmentHandler
+from dafne_node.jobs.runner import JobRunner
+from dafne_node.learning.corrections import CorrectionHandler
+from dafne_node.learning.examples import ExampleStore
+from dafne_node.seg import SegmentationAlgorithm, SourceFrame, decode_segmentation
+from dafne_node.seg.encode import encode_segmentation
+from dafne_node.segmentation import SeriesSegmenter
+from db.base import utcnow
+from db.node_models import Correction, CorrectionState, Job, JobKind, JobState
+from tests.conftest import WrittenStudy, write_phantom
+from tests.node.conftest import Node, spool_series
+
+RADIOLOGIST = SegmentationAlgorithm(name="Radiologist", version="1", kind="MANUAL")
+
+
+def run_all(node: Node, segmenter: SeriesSegmenter) -> None:
+    config, sessions = node
+    runner = JobRunner(sessions, {
+        JobKind.SEGMENT: SegmentHandler(sessions, config, segmenter),
+        JobKind.CORRECTION: CorrectionHandler(sessions, config, segmenter.labels),
+    }, "w1")
+    for _ in range(20):
+        if runner.run_once() is None:
+            return
+    raise AssertionError("jobs kept coming")
+
+
+def headers(study: WrittenStudy) -> list[Dataset]:
+    return [dcmread(path, stop_before_pixels=True) for path in study.files.images]
+
+
+def write_seg(folder: Path, study: WrittenStudy, label_map: np.ndarray, segmenter:
+              SeriesSegmenter, *, name: str = "correction") -> Path:
+    seg = encode_segmentation(label_map, headers(study), segmenter.labels, RADIOLOGIST,
+                              series_instance_uid=generate_uid(),
+                              sop_instance_uid=generate_uid(), series_number=300)
+    path = folder / f"{name}.dcm"
+    save_dataset_atomically(seg, path)
+    return path
+
+
+def receive(node: Node, *paths: Path) -> None:
+    spool_series(node, list(paths), received_at=utcnow() - timedelta(minutes=1))
+
+
+def corrections(node: Node) -> list[Correction]:
+    with node[1]() as session:
+        return list(session.scalars(select(Correction).order_by(Correction.id)))
+
+
+def node_label_map(node: Node, study: WrittenStudy, segmenter: SeriesSegmenter) -> np.ndarray:
+    with node[1]() as session:
+        job = session.scalars(select(Job).where(Job.kind == JobKind.SEGMENT)).one()
+    frames = [SourceFrame(uid) for uid in study.study.sop_instance_uids]
+    return decode_segmentation(dcmread(job.result["seg_path"]), segmenter.labels,
+                               frames).label_map
+
+
+@pytest.fixture
+def segmented(node: Node, segmenter: SeriesSegmenter) -> Node:
+    """The node holds the small phantom series and has made its SEG."""
+    run_all(node, segmenter)
+    return node
+
+
+def test_a_corrected_seg_becomes_a_queued_example_without_identifiers(
+    segmented: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy, tmp_path: Path,
+) -> None:
+    truth = small_study.study.labels
+    receive(segmented, write_seg(tmp_path, small_study, truth, segmenter))
+    run_all(segmented, segmenter)
+
+    [correction] = corrections(segmented)
+    assert correction.state == CorrectionState.QUEUED, correction.reason
+    assert correction.source_series_uid == small_study.study.series_instance_uid
+    assert sorted(correction.labels) == sorted(label.key for label in segmenter.labels)
+    assert correction.unmapped == []
+    assert set(correction.dice) == set(correction.labels)
+    assert all(0.5 < value < 1.0 for value in correction.dice.values()), correction.dice
+    assert correction.changed_slices, "the model's SEG is not the truth on every slice"
+    assert (correction.model_name, correction.model_version) == ("Dafne leg", "g1")
+
+    config = segmented[0]
+    stored = ExampleStore(config.node.data_dir).load(correction.example_path)
+    np.testing.assert_array_equal(stored.example.labels, truth)
+    assert stored.example.pixels.shape == truth.shape
+    raw = (config.node.data_dir / correction.example_path).read_bytes()
+    for identifier in (small_study.study.series_instance_uid,
+                       small_study.study.study_instance_uid, *small_study.study.sop_instance_uids):
+        assert identifier.encode() not in raw
+
+
+def test_the_nodes_own_seg_coming_back_is_an_echo(
+    segmented: Node, segmenter: SeriesSegmenter,
+) -> None:
+    with segmented[1]() as session:
+        job = session.scalars(select(Job).where(Job.kind == JobKind.SEGMENT)).one()
+    receive(segmented, Path(job.result["seg_path"]))
+    run_all(segmented, segmenter)
+    assert corrections(segmented) == []
+    with segmented[1]() as session:
+        echo = session.scalars(select(Job).where(Job.kind == JobKind.CORRECTION)).one()
+    assert (echo.state, echo.result) == (JobState.DONE, {"corrections": [], "echoes": 1})
+
+
+def test_same_content_is_confirmed_and_a_newer_correction_supersedes_the_older(
+    segmented: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy, tmp_path: Path,
+) -> None:
+    receive(segmented, write_seg(tmp_path, small_study, small_study.study.labels, segmenter,
+                                 name="first"))
+    run_all(segmented, segmenter)
+    ours = node_label_map(segmented, small_study, segmenter)
+    receive(segmented, write_seg(tmp_path, small_study, ours, segmenter, name="resaved"))
+    run_all(segmented, segmenter)
+
+    first, resaved = corrections(segmented)
+    assert resaved.state == CorrectionState.CONFIRMED
+    assert resaved.example_path is None
+    assert all(value == 1.0 for value in resaved.dice.values() if value is not None)
+    assert (first.state, first.superseded_by_id) == (CorrectionState.SUPERSEDED, resaved.id)
+
+
+def test_a_subset_of_labels_keeps_the_nodes_other_labels(
+    segmented: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy, tmp_path: Path,
+) -> None:
+    truth = small_study.study.labels
+    soleus_only = np.where(truth == 1, 1, 0).astype(np.uint8)
+    receive(segmented, write_seg(tmp_path, small_study, soleus_only, segmenter))
+    run_all(segmented, segmenter)
+
+    [correction] = corrections(segmented)
+    assert correction.labels == ["soleus"] and set(correction.dice) == {"soleus"}
+    stored = ExampleStore(segmented[0].node.data_dir).load(correction.example_path)
+    ours = node_label_map(segmented, small_study, segmenter)
+    assert stored.label_values == (1,)
+    np.testing.assert_array_equal(stored.example.labels == 1, truth == 1)
+    others = (ours > 1) & (truth != 1)
+    np.testing.assert_array_equal(stored.example.labels[others], ours[others])
+
+
+def test_bad_corrections_are_recorded_with_a_reason_and_block_nothing(
+    segmented: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy, tmp_path: Path,
+) -> None:
+    truth = small_study.study.labels
+    stranger = write_phantom(tmp_path / "stranger", seed=11, slices=12, matrix=128)
+    unknown_images = stranger.files.truth
+
+    unknown_codes = dcmread(write_seg(tmp_path, small_study, truth, segmenter, name="codes"))
+    for number, item in enumerate(unknown_codes.SegmentSequence, start=1):
+        item.SegmentLabel = f"Region {number}"
+        item.SegmentedPropertyTypeCodeSequence[0].CodeValue = "85756007"
+        item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning = "Tissue"
+    save_dataset_atomically(unknown_codes, tmp_path / "codes.dcm")
+
+    shifted = dcmread(write_seg(tmp_path, small_study, truth, segmenter, name="shifted"))
+    for group in shifted.PerFrameFunctionalGroupsSequence:
+        position = group.PlanePositionSequence[0].ImagePositionPatient
+        group.PlanePositionSequence[0].ImagePositionPatient = [position[0] + 7.0,
+                                                               position[1], position[2]]
+    save_dataset_atomically(shifted, tmp_path / "shifted.dcm")
+
+    corrupt = tmp_path / "corrupt.dcm"
+    good = write_seg(tmp_path, small_study, truth, segmenter, name="good")
+    corrupt.write_bytes(good.read_bytes()[:3000])
+    corrupt_ds = dcmread(good)
+    corrupt_ds.SeriesInstanceUID = generate_uid()
+    corrupt_ds.SOPInstanceUID = corrupt_ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    save_dataset_atomically(corrupt_ds, tmp_path / "corrupt-full.dcm")
+    full = (tmp_path / "corrupt-full.dcm").read_bytes()
+    corrupt.write_bytes(full[: len(full) - 2000])
+
+    for path in (unknown_images, tmp_path / "codes.dcm", tmp_path / "shifted.dcm", corrupt,
+                 good):
+        receive(segmented, path)
+    run_all(segmented, segmenter)
+
+    found = {c.seg_sop_instance_uid: c for c in corrections(segmented)}
+    by_file = {path.name: found[dcmread(path, stop_before_pixels=True).SOPInstanceUID]
+               for path in (unknown_images, tmp_path / "codes.dcm", tmp_path / "shifted.dcm",
+                            corrupt, good)}
+    assert by_file["truth.seg.dcm"].state == CorrectionState.REJECTED
+    assert "never received" in by_file["truth.seg.dcm"].reason
+    assert by_file["codes.dcm"].state == CorrectionState.REJECTED
+    assert "no segment maps to a model label" in by_file["codes.dcm"].reason
+    assert by_file["codes.dcm"].reason.count("Region") == 6
+    assert by_file["shifted.dcm"].state == CorrectionState.REJECTED
+    assert "source geometry" in by_file["shifted.dcm"].reason
+    assert by_file["corrupt.dcm"].state == CorrectionState.REJECTED
+    assert by_file["good.dcm"].state == CorrectionState.QUEUED
+    with segmented[1]() as session:
+        states = set(session.scalars(select(Job.state).where(Job.kind == JobKind.CORRECTION)))
+    assert states == {JobState.DONE}
+
+
+def test_a_correction_whose_source_images_are_gone_is_unusable(
+    segmented: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy, tmp_path: Path,
+) -> None:
+    config = segmented[0]
+    correction_file = write_seg(tmp_path, small_study, small_study.study.labels, segmenter)
+    for path in (config.spool_dir / small_study.study.study_instance_uid).rglob("*.dcm"):
+        path.unlink()
+    receive(segmented, correction_file)
+    run_all(segmented, segmenter)
+    [correction] = corrections(segmented)
+    assert correction.state == CorrectionState.UNUSABLE
+    assert "source images are gone" in correction.reason
