@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(commands)
     _add_status(commands)
     _add_jobs(commands)
+    _add_corrections(commands)
     _add_echo(commands)
     _add_send(commands)
     _add_phantom(commands)
@@ -261,6 +262,31 @@ def _add_jobs(commands: argparse._SubParsersAction) -> None:
     retry.add_argument("job_ids", nargs="+", type=int, metavar="JOB_ID")
     _add_config_options(retry)
     retry.set_defaults(handler=run_jobs_retry)
+
+
+def _add_corrections(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "corrections",
+        help="SEGs sent back from viewers: confirmed, queued for training, or why not",
+        description=(
+            "List the corrected SEGs the node received, newest first: their state "
+            "(confirmed, queued, trained, superseded, unusable, rejected), the series they "
+            "correct, the model labels their segments mapped to and those that mapped to "
+            "nothing, the Dice per label between the node's SEG and the correction, and the "
+            "reason for anything not queued. Works while the node runs."
+        ),
+        epilog="examples:\n  dafne-node corrections --data-dir /var/lib/dafne\n"
+               "  dafne-node corrections --state rejected\n"
+               "  dafne-node corrections --json | jq '.[] | .dice'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_options(sub)
+    sub.add_argument("--state", choices=["confirmed", "queued", "trained", "superseded",
+                                         "unusable", "rejected"],
+                     help="only corrections in this state")
+    sub.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.set_defaults(handler=run_corrections)
 
 
 def _add_compare(commands: argparse._SubParsersAction) -> None:
@@ -504,6 +530,25 @@ def run_status(args: argparse.Namespace) -> int:
         name, generation = active_model_info(session, config)
         status = collect_status(session, model_name=name, model_generation=generation)
     print(status.model_dump_json(indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def run_corrections(args: argparse.Namespace) -> int:
+    """List the corrections the node received."""
+    from dafne_node.status import correction_items, format_corrections
+    from db.node_models import CorrectionState
+
+    if args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    config = _load_node_config(args)
+    sessions = _open_database(config)
+    with sessions() as session:
+        items = correction_items(session, limit=args.limit,
+                                 state=CorrectionState(args.state) if args.state else None)
+    if args.json:
+        print(json.dumps([item.model_dump(mode="json") for item in items], indent=2))
+    else:
+        print(format_corrections(items), end="")
     return EXIT_OK
 
 

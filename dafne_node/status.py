@@ -25,7 +25,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.base import utcnow
+from db.corrections import correction_counts, list_corrections
 from db.node_models import (
+    Correction,
+    CorrectionState,
     Job,
     JobKind,
     JobState,
@@ -38,6 +41,7 @@ from db.node_models import (
 from db.repository import count_instances
 
 __all__ = [
+    "CorrectionItem",
     "DestinationOutbox",
     "FailedJob",
     "ModelInfo",
@@ -45,11 +49,14 @@ __all__ = [
     "OutboxStatus",
     "SkippedSeries",
     "collect_status",
+    "correction_counts",
+    "correction_items",
     "count_instances",
     "count_jobs",
     "count_outbox",
     "count_outbox_by_destination",
     "count_series",
+    "format_corrections",
     "format_status",
 ]
 
@@ -113,6 +120,43 @@ class FailedJob(BaseModel):
     at: datetime | None = None
 
 
+class CorrectionItem(BaseModel):
+    """One SEG a viewer sent back and what the node made of it (``dafne-node corrections``)."""
+
+    id: int
+    state: CorrectionState
+    received_at: datetime
+    source_series_uid: str | None = None
+    labels: list[str] = Field(description="model label keys the correction's segments map to")
+    unmapped: list[str] = Field(description="segments that map to no label")
+    dice: dict[str, float | None] = Field(
+        description="Dice per label between the node's SEG and the correction")
+    changed_slices: int = Field(description="slices where the correction differs")
+    reason: str | None = None
+    writer: str | None = Field(default=None, description="the viewer that wrote the SEG")
+    model: str | None = Field(default=None, description="the model version it corrects")
+    superseded_by: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Correction) -> CorrectionItem:
+        """The API's view of a ``corrections`` row."""
+        model = " ".join(part for part in (row.model_name, row.model_version) if part)
+        return cls(
+            id=row.id, state=row.state, received_at=row.created_at,
+            source_series_uid=row.source_series_uid, labels=row.labels,
+            unmapped=row.unmapped, dice=row.dice, changed_slices=len(row.changed_slices),
+            reason=row.reason, writer=row.writer, model=model or None,
+            superseded_by=row.superseded_by_id,
+        )
+
+
+def correction_items(session: Session, *, limit: int = 100,
+                     state: CorrectionState | None = None) -> list[CorrectionItem]:
+    """The newest corrections first, optionally only those in ``state``."""
+    rows = list_corrections(session, limit=limit, states=[state] if state else [])
+    return [CorrectionItem.from_row(row) for row in rows]
+
+
 class NodeStatus(BaseModel):
     """A snapshot of the node, as served at ``/status`` and printed by ``dafne-node status``."""
 
@@ -125,6 +169,7 @@ class NodeStatus(BaseModel):
     jobs: dict[str, int] = Field(description="jobs by state (every state present)")
     jobs_by_kind: dict[str, dict[str, int]] = Field(description="kind -> state -> count")
     outbox: OutboxStatus
+    corrections: dict[str, int] = Field(description="corrections by state (every state present)")
     skipped_series: list[SkippedSeries] = Field(default_factory=list)
     failed_jobs: list[FailedJob] = Field(default_factory=list)
 
@@ -340,6 +385,7 @@ def collect_status(
             states=count_outbox(session),
             destinations=count_outbox_by_destination(session),
         ),
+        corrections=correction_counts(session),
         skipped_series=_recent_skipped(session, recent) if recent else [],
         failed_jobs=_recent_failed(session, recent) if recent else [],
     )
@@ -416,6 +462,7 @@ def format_status(status: NodeStatus, *, active_window: timedelta = timedelta(mi
     lines.append(f"Series:    {_counts(status.series)}")
     lines.append(f"Jobs:      {_counts(status.jobs)}")
     lines.append(f"Outbox:    {_counts(status.outbox.states)}")
+    lines.append(f"Corrections: {_counts(status.corrections)}")
 
     attention: list[str] = []
     failed = status.jobs.get(JobState.FAILED.value, 0)
@@ -471,4 +518,29 @@ def format_status(status: NodeStatus, *, active_window: timedelta = timedelta(mi
                 f"{entry.num_instances} instances) from {sender}, {_since(entry.at, now)}"
             )
             lines.append(f"      reason: {entry.reason or '(none recorded)'}")
+    return "\n".join(lines) + "\n"
+
+
+def format_corrections(items: list[CorrectionItem]) -> str:
+    """Render corrections for a terminal: one block per correction, newest first."""
+    if not items:
+        return "No corrections received yet.\n"
+    lines = []
+    for item in items:
+        dice = ", ".join(f"{key} {'-' if value is None else f'{value:.3f}'}"
+                         for key, value in item.dice.items())
+        lines.append(f"#{item.id} {item.state.value:<10} {item.received_at:%Y-%m-%d %H:%M} UTC  "
+                     f"series {item.source_series_uid or '-'}")
+        if item.writer or item.model:
+            lines.append(f"      from {item.writer or 'unknown writer'}, corrects "
+                         f"{item.model or 'no SEG of the node'}")
+        if item.labels:
+            lines.append(f"      labels: {', '.join(item.labels)}; {item.changed_slices} "
+                         "slice(s) changed")
+        if dice:
+            lines.append(f"      Dice node vs correction: {dice}")
+        if item.unmapped:
+            lines.append(f"      not mapped: {'; '.join(item.unmapped)}")
+        if item.reason:
+            lines.append(f"      reason: {_one_line(item.reason, 200)}")
     return "\n".join(lines) + "\n"

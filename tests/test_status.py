@@ -279,7 +279,7 @@ def test_a_fixed_number_of_grouped_queries(tmp_path: Path) -> None:
     full = _count_statements(engine, lambda: _status(sessions))
     engine.dispose()
     assert len(full) == len(empty) + 1  # + the last-error query once a destination exists
-    assert len(full) <= 10
+    assert len(full) <= 14  # received, jobs, outbox, corrections, training: a few each
     instance_queries = [s for s in full if "FROM instances" in s]
     assert instance_queries and all("count(" in s.lower() for s in instance_queries)
 

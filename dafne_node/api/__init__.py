@@ -1,4 +1,4 @@
-"""The node's admin HTTP API: ``/health``, ``/status``, ``/jobs`` and ``/metrics``.
+"""The node's admin HTTP API: ``/health``, ``/status``, ``/jobs``, ``/corrections``, ``/metrics``.
 
 Built by :func:`create_app` from what the running node already has (its session factory,
 the model it loaded, its readiness), so importing this package does no I/O and creates no
@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node import __version__
 from dafne_node.api.deps import AppContext
-from dafne_node.api.routes import health, jobs, metrics, status
+from dafne_node.api.routes import corrections, health, jobs, metrics, status
 from dafne_node.api.routes.metrics import NodeCollector
 
 __all__ = ["AppContext", "NodeCollector", "create_app"]
@@ -63,6 +63,6 @@ def create_app(
         ready=ready,
         registry=registry,
     )
-    for module in (health, status, jobs, metrics):
+    for module in (health, status, jobs, corrections, metrics):
         app.include_router(module.router)
     return app

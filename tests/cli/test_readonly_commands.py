@@ -19,7 +19,7 @@ def _database(tmp_path: Path, revision: str | None) -> Path:
     return data
 
 
-@pytest.mark.parametrize("command", [["status"], ["jobs", "retry", "1"]])
+@pytest.mark.parametrize("command", [["status"], ["corrections"], ["jobs", "retry", "1"]])
 def test_no_database_is_an_error_and_none_is_created(
     tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -29,7 +29,7 @@ def test_no_database_is_an_error_and_none_is_created(
     assert not (data / "dafne.db").exists()
 
 
-@pytest.mark.parametrize("command", [["status"], ["jobs", "retry", "1"]])
+@pytest.mark.parametrize("command", [["status"], ["corrections"], ["jobs", "retry", "1"]])
 def test_an_older_schema_is_reported_not_migrated(
     tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
+from dafne_node.api import create_app
+from dafne_node.cli import main
 from dafne_node.dicomio import save_dataset_atomically
 from dafne_node.inference.segment import SegmentHandler
 from dafne_node.jobs.runner import JobRunner
@@ -218,3 +222,39 @@ def test_a_correction_whose_source_images_are_gone_is_unusable(
     [correction] = corrections(segmented)
     assert correction.state == CorrectionState.UNUSABLE
     assert "source images are gone" in correction.reason
+
+
+def test_corrections_are_listed_by_the_command_the_api_status_and_metrics(
+    segmented: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config, sessions = segmented
+    truth = small_study.study.labels
+    codes = dcmread(write_seg(tmp_path, small_study, truth, segmenter, name="codes"))
+    codes.SegmentSequence[0].SegmentLabel = "Bone marrow"
+    codes.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue = "14016003"
+    save_dataset_atomically(codes, tmp_path / "codes.dcm")
+    receive(segmented, tmp_path / "codes.dcm")
+    run_all(segmented, segmenter)
+
+    assert main(["corrections", "--json", "--data-dir", str(config.node.data_dir)]) == 0
+    [item] = json.loads(capsys.readouterr().out)
+    assert item["state"] == "queued"
+    assert item["source_series_uid"] == small_study.study.series_instance_uid
+    assert "soleus" not in item["labels"] and len(item["labels"]) == 5
+    assert item["unmapped"] == ["1: Bone marrow (14016003 Soleus muscle)"]
+    assert set(item["dice"]) == set(item["labels"])
+    assert "reason" in item
+
+    assert main(["corrections", "--data-dir", str(config.node.data_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "queued" in text and "not mapped: 1: Bone marrow" in text
+
+    app = create_app(session_factory=sessions, model_info=lambda: ("Dafne leg", 1))
+    with TestClient(app) as client:
+        listed = client.get("/corrections", params={"state": "queued"}).json()
+        assert [entry["id"] for entry in listed] == [item["id"]]
+        assert client.get("/corrections", params={"state": "bogus"}).status_code == 422
+        assert client.get("/status").json()["corrections"]["queued"] == 1
+        metrics = client.get("/metrics").text
+    assert 'dafne_corrections{state="queued"} 1.0' in metrics

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.api.deps import ContextDep
 from dafne_node.status import (
+    correction_counts,
     count_instances,
     count_jobs,
     count_outbox,
@@ -86,6 +87,10 @@ class NodeCollector(Collector):
                 "Undelivered outbox items by destination (AE@host:port) and state.",
                 labels=["destination", "state"],
             ),
+            "corrections": GaugeMetricFamily(
+                "dafne_corrections", "Corrections (SEGs sent back from viewers) by state.",
+                labels=["state"],
+            ),
             "model": GaugeMetricFamily(
                 "dafne_model_generation", "Generation of the model in use.", labels=["model"]
             ),
@@ -116,6 +121,8 @@ class NodeCollector(Collector):
                     families["jobs"].add_metric([state, kind], count)
             for state, count in count_outbox(session).items():
                 families["outbox"].add_metric([state], count)
+            for state, count in correction_counts(session).items():
+                families["corrections"].add_metric([state], count)
             for dest in count_outbox_by_destination(session, errors_scanned=0):
                 for state in ("pending", "sending", "failed"):
                     families["outbox_destination"].add_metric(
