@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
     _add_worker(commands)
+    _add_trainer(commands)
+    _add_train(commands)
     _add_segment(commands)
     _add_compare(commands)
     _add_status(commands)
@@ -181,6 +184,9 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--quiet-period", type=float, metavar="SECONDS",
                      help="a series is complete after this long without a new instance "
                           "(default 10)")
+    sub.add_argument("--no-trainer", action="store_true",
+                     help="do not start the trainer process (training.enabled = false does "
+                          "the same from the configuration)")
     sub.set_defaults(handler=run_serve)
 
 
@@ -199,6 +205,52 @@ def _add_worker(commands: argparse._SubParsersAction) -> None:
     )
     _add_config_options(sub)
     sub.set_defaults(handler=run_worker)
+
+
+def _add_trainer(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "trainer",
+        help="the trainer process: learn from corrections in the training windows",
+        description=(
+            "Run the trainer: in each training window of the configuration ([training] "
+            "windows, cron expressions with a time zone and a maximum duration), once enough "
+            "new corrections wait (training.min_new_examples), fine-tune the node's model on "
+            "them, check it on held-out corrections and, if it does not lose Dice, make it "
+            "the node's model and keep its weight delta for the federation. Training yields "
+            "to segmentation and stops at the window's end, continuing in the next one. "
+            "'dafne-node serve' starts it for you; run it yourself for a node whose workers "
+            "run elsewhere."
+        ),
+        epilog="example:\n  dafne-node trainer --config /etc/dafne/node.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_options(sub)
+    sub.add_argument("--exit-with-parent", action="store_true",
+                     help="stop when the process that started this one exits (how serve "
+                          "runs it)")
+    sub.set_defaults(handler=run_trainer)
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    sub = commands.add_parser(
+        "train",
+        help="train on the waiting corrections now, outside the windows",
+        description=(
+            "Fine-tune the node's model on the corrections waiting for training, now, in "
+            "this terminal, with a progress bar; the same run the trainer does in a window "
+            "(replay, local gate, new local model, weight delta). A training run paused at "
+            "the end of a window is continued. Ctrl-C stops at the next step and keeps a "
+            "checkpoint that the next run continues from. Refused while a run is going on "
+            "in the trainer process."
+        ),
+        epilog="example:\n  dafne-node train --now --data-dir /var/lib/dafne",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_options(sub)
+    sub.add_argument("--now", action="store_true", required=True,
+                     help="train now (required: training otherwise waits for its window)")
+    sub.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    sub.set_defaults(handler=run_train)
 
 
 def _add_echo(commands: argparse._SubParsersAction) -> None:
@@ -467,7 +519,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from dafne_node.services import Node
 
     config = _serve_config(args)
-    node = Node(config)
+    trainer = None
+    if config.training.enabled and not args.no_trainer:
+        trainer = [sys.executable, "-m", "dafne_node", "--log-level", args.log_level,
+                   "--log-format", args.log_format, "trainer", "--exit-with-parent",
+                   "--data-dir", str(config.node.data_dir)]
+        if args.config:
+            trainer += ["--config", str(args.config)]
+    node = Node(config, trainer_command=trainer)
 
     def announce() -> None:
         print(f"Dafne node {config.dicom.ae_title} on port {config.dicom.port}, admin API "
@@ -483,6 +542,48 @@ def run_worker(args: argparse.Namespace) -> int:
     from dafne_node.services import Node
 
     Node(_load_node_config(args), dicom=False, http=False).run_until_signalled()
+    return EXIT_OK
+
+
+def run_trainer(args: argparse.Namespace) -> int:
+    """Run the trainer process until SIGTERM."""
+    from dafne_node.services import Trainer
+
+    Trainer(_load_node_config(args), exit_with_parent=args.exit_with_parent
+            ).run_until_signalled()
+    return EXIT_OK
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train now on the waiting corrections, in the foreground."""
+    import signal
+
+    from dafne_node.learning.training import run_now
+
+    config = _load_node_config(args)
+    sessions = _open_database(config)
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: object) -> None:
+        print("dafne-node train: stopping at the next step (checkpoint kept)",
+              file=sys.stderr)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        outcome = run_now(sessions, config, stop=stop, progress=not args.json)
+    except LookupError as exc:
+        raise UserError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(outcome, indent=2))
+    else:
+        print(f"Training job {outcome['job_id']}: {outcome['outcome']}")
+        if outcome.get("reason"):
+            print(f"  {outcome['reason']}")
+        if outcome.get("version_label"):
+            print(f"  new model {outcome['version_label']}"
+                  f"{' (now in use)' if config.training.activate_local_model else ''}")
     return EXIT_OK
 
 
@@ -528,7 +629,9 @@ def run_status(args: argparse.Namespace) -> int:
     sessions = _open_database(config)
     with sessions() as session:
         name, generation = active_model_info(session, config)
-        status = collect_status(session, model_name=name, model_generation=generation)
+        status = collect_status(session, model_name=name, model_generation=generation,
+                                windows=config.training.windows,
+                                data_dir=config.node.data_dir)
     print(status.model_dump_json(indent=2) if args.json else format_status(status))
     return EXIT_OK
 

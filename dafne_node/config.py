@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dafne_node.learning.windows import TrainingWindow
+
 ENV_PREFIX = "DAFNE_"
 
 SHORT_ENV_NAMES: dict[str, tuple[str, ...]] = {
@@ -172,6 +174,35 @@ class CorrectionsSection(_Section):
     for viewers that keep only the segment's name (OHIF replaces the codes)."""
 
 
+class TrainingSection(_Section):
+    """When and how the node learns from corrections (the trainer process).
+
+    The defaults train every night from 01:00 for at most four hours (UTC: set the zone of
+    the hospital), once three new examples wait, with one CPU thread so that inference
+    keeps the rest of the machine.
+    """
+
+    enabled: bool = True
+    """``serve`` starts the trainer process; off for nodes that only segment."""
+    windows: list[TrainingWindow] = Field(default_factory=lambda: [TrainingWindow()])
+    min_new_examples: int = Field(default=3, ge=1)
+    """A window trains only when at least this many examples arrived since the last run."""
+    activate_local_model: bool = True
+    """An accepted run's model becomes the node's model at once (new SEGs name it)."""
+    threads: int = Field(default=1, ge=1, le=256)
+    """CPU threads for training; inference keeps the others."""
+    steps: int = Field(default=150, ge=1)
+    """Optimiser steps of one run (8 slices each)."""
+    learning_rate: float = Field(default=1e-3, gt=0, le=1)
+    max_dice_drop: float = Field(default=0.02, ge=0, le=1)
+    """The local gate: the largest loss of held-out Dice a run may cause."""
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Share of the local examples held out for the gate (never trained on)."""
+    replay_fraction: float = Field(default=0.3, ge=0, lt=1)
+    """Share of a run's examples replayed from earlier corrections (against forgetting)."""
+    seed: int = 0
+
+
 class NodeConfig(_Section):
     """Everything a node needs, with defaults that run out of the box."""
 
@@ -186,6 +217,7 @@ class NodeConfig(_Section):
     sending: SendingSection = SendingSection()
     model: ModelSection = ModelSection()
     corrections: CorrectionsSection = CorrectionsSection()
+    training: TrainingSection = TrainingSection()
 
     @property
     def database_url(self) -> str:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import highdicom as hd
 import numpy as np
@@ -48,6 +49,8 @@ class SegmentationResult:
     structures: tuple[StructureVolume, ...]
     model_name: str
     generation: int
+    model_version: str
+    """``g1`` for a root generation, ``g1-local2`` for a model fine-tuned on this node."""
     precision: str
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -63,10 +66,20 @@ def seg_uids(source_series_uid: str, manifest: ModelManifest, revision: int = 0
     supersedes the older ones instead of a second, competing series.
     """
     series_sources = [source_series_uid, manifest.name, str(manifest.generation)]
+    if manifest.local_round is not None:  # a local model's SEGs are a series of their own
+        series_sources.append(f"local-{manifest.local_round}")
     return (
         generate_uid(entropy_srcs=[*series_sources, "series"]),
         generate_uid(entropy_srcs=[*series_sources, f"revision-{revision}", "instance"]),
     )
+
+
+class ModelSource(Protocol):
+    """Where a segment job gets its model: a fixed one, or the node's active model."""
+
+    def current(self) -> SeriesSegmenter:
+        """The model to segment the next series with."""
+        ...
 
 
 class SeriesSegmenter:
@@ -86,14 +99,19 @@ class SeriesSegmenter:
         self.manifest = loaded.manifest
         self.labels = loaded.manifest.to_labels()
         self.segmenter = Segmenter.from_loaded(loaded, precision=precision)
+        self.model_dir = loaded.path
         self.algorithm = SegmentationAlgorithm(
-            name=loaded.manifest.name, version=f"g{loaded.manifest.generation}"
+            name=loaded.manifest.name, version=loaded.manifest.version_label
         )
 
     @property
     def precision(self) -> str:
         """The arithmetic actually used, ``bf16`` or ``fp32``."""
         return self.segmenter.precision
+
+    def current(self) -> SeriesSegmenter:
+        """A loaded model is its own :class:`ModelSource`: it never changes."""
+        return self
 
     def segment_series(
         self, series: SeriesFiles, *, revision: int = 0, series_number: int = 900
@@ -136,6 +154,7 @@ class SeriesSegmenter:
             structures=structures,
             model_name=self.manifest.name,
             generation=self.manifest.generation,
+            model_version=self.manifest.version_label,
             precision=self.precision,
             timings={
                 "read": loaded_at - started,

@@ -1,10 +1,12 @@
-"""The node as a running process: receiver, assembler, worker, outbox and admin API.
+"""The node's process roles: the node itself and the trainer.
 
-``dafne-node serve`` runs every part in one process (the embedded default);
-``dafne-node worker`` runs only the processing parts, so several processes can
-share one PostgreSQL database. Each part is a loop in its own thread that polls
-the database, so the database is the only thing the parts share and a part
-that crashes is logged and restarted rather than taking the node down.
+``dafne-node serve`` runs every part of the node (receiver, assembler, job runner, outbox,
+admin API) in one process, the embedded default, and the trainer as a child process;
+``dafne-node worker`` runs only the processing parts, so several processes can share one
+PostgreSQL database; ``dafne-node trainer`` trains in IT's windows, never in a process
+that segments. Each part of the node is a loop in its own thread that polls the database,
+so the database is the only thing the parts share and a part that crashes is logged and
+restarted rather than taking the node down.
 
 SIGTERM (or Ctrl-C) stops accepting associations, lets the current job and the
 current delivery finish, and exits; anything unfinished is resumed at the next
@@ -17,10 +19,11 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from types import FrameType
 
 from sqlalchemy import Engine, select, update
@@ -28,12 +31,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.assembler import SeriesAssembler
 from dafne_node.config import NodeConfig
+from dafne_node.inference.model import ActiveModel
 from dafne_node.inference.segment import SegmentHandler
-from dafne_node.jobs.runner import JobHandler, JobRunner
+from dafne_node.jobs.runner import JobHandler, JobRunner, worker_identity
 from dafne_node.learning.corrections import CorrectionHandler
-from dafne_node.model_registry import register_active_model
+from dafne_node.learning.training import TrainHandler, schedule_training
+from dafne_node.learning.windows import open_window
 from dafne_node.outbox import OutboxSender, requeue_interrupted_sends
-from dafne_node.segmentation import SeriesSegmenter
 from db.base import utcnow
 from db.jobs import requeue_stale_jobs
 from db.migrate import upgrade
@@ -52,11 +56,6 @@ STALE_AFTER = timedelta(seconds=90)
 """A running job whose worker stopped heart-beating this long ago is taken over."""
 SEND_STALE_AFTER = timedelta(minutes=30)
 """A send claimed this long ago belongs to a dead process (sends time out far sooner)."""
-
-
-def worker_identity(config: NodeConfig) -> str:
-    """``name@host:pid``, recorded in claimed jobs so a restart knows which were its own."""
-    return f"{config.node.name}@{socket.gethostname()}:{os.getpid()}"
 
 
 def open_database(config: NodeConfig) -> tuple[Engine, sessionmaker[Session]]:
@@ -113,9 +112,10 @@ class Node:
         Run the admin API.
     """
 
-    def __init__(self, config: NodeConfig, *, dicom: bool = True, http: bool = True) -> None:
+    def __init__(self, config: NodeConfig, *, dicom: bool = True, http: bool = True,
+                 trainer_command: Sequence[str] | None = None) -> None:
         self.config = config
-        self.worker_id = worker_identity(config)
+        self.worker_id = worker_identity(config.node.name)
         self.engine, self.sessions = open_database(config)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -123,23 +123,14 @@ class Node:
         self._http = http
         self.storage: StorageServer | None = None
         self._http_server: object | None = None
-        self.segmenter = SeriesSegmenter(config.model.dir, precision=config.model.precision)
-        self._register_model()
+        self._trainer = _ChildProcess("trainer", trainer_command) if trainer_command else None
+        self.models = ActiveModel(self.sessions, config)
 
     @property
     def model_info(self) -> tuple[str, int]:
         """Name and generation of the model this process segments with."""
-        return self.segmenter.manifest.name, self.segmenter.manifest.generation
-
-    def _register_model(self) -> None:
-        manifest = self.segmenter.manifest
-        with self.sessions() as session, session.begin():
-            register_active_model(
-                session, name=manifest.name, generation=manifest.generation,
-                path=str(self.config.model.dir or "bundled"), sha256=manifest.weights.sha256,
-                source="local" if self.config.model.dir else "bundled",
-                manifest=manifest.model_dump(mode="json"),
-            )
+        manifest = self.models.segmenter.manifest
+        return manifest.name, manifest.generation
 
     def start(self) -> None:
         """Recover from a previous crash, then start every part."""
@@ -163,14 +154,16 @@ class Node:
             loop.start()
         if self._http:
             self._start_http()
+        if self._trainer is not None:
+            self._trainer.start()
         LOGGER.info("node %s started (model %s g%d)", self.worker_id, *self.model_info)
 
     def _handlers(self) -> dict[JobKind, JobHandler]:
         """The job kinds this process runs: segmentation and correction handling."""
         return {
-            JobKind.SEGMENT: SegmentHandler(self.sessions, self.config, self.segmenter),
+            JobKind.SEGMENT: SegmentHandler(self.sessions, self.config, self.models),
             JobKind.CORRECTION: CorrectionHandler(self.sessions, self.config,
-                                                  self.segmenter.labels),
+                                                  self.models.segmenter.labels),
         }
 
     def _storage_server(self) -> StorageServer:
@@ -195,7 +188,9 @@ class Node:
         from dafne_node.api import create_app  # noqa: PLC0415
 
         app = create_app(session_factory=self.sessions, model_info=lambda: self.model_info,
-                         ready=lambda: not self._stop.is_set())
+                         ready=lambda: not self._stop.is_set(),
+                         windows=self.config.training.windows,
+                         data_dir=self.config.node.data_dir)
         server = uvicorn.Server(uvicorn.Config(
             app, host=self.config.http.host, port=self.config.http.port, log_level="warning",
             lifespan="off",
@@ -240,6 +235,8 @@ class Node:
         if requeued or resent:
             LOGGER.warning("took over %d stale job(s) and %d stale delivery(ies)", requeued,
                            resent)
+        if self._trainer is not None and not self._stop.is_set():
+            self._trainer.restart_if_dead()
         return False
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -248,6 +245,8 @@ class Node:
         if self.storage is not None:
             self.storage.stop()
         self._stop.set()
+        if self._trainer is not None:
+            self._trainer.stop(timeout)
         for thread in self._threads:
             if isinstance(thread, _Loop):
                 thread.wakeup.set()
@@ -301,3 +300,112 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class _ChildProcess:
+    """A process role that ``serve`` runs beside itself (the trainer), restarted if it dies.
+
+    Why a child process rather than a thread: training sets torch's thread count and holds
+    its own memory, which must never touch the inference in this process.
+    """
+
+    RESTART_AFTER_S = 30.0
+
+    def __init__(self, name: str, command: Sequence[str]) -> None:
+        self.name = name
+        self._command = list(command)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(self._command)
+        self._started_at = time.monotonic()
+        LOGGER.info("%s process started (pid %d)", self.name, self._process.pid)
+
+    def restart_if_dead(self) -> None:
+        if self._process is None or self._process.poll() is None:
+            return
+        if time.monotonic() - self._started_at < self.RESTART_AFTER_S:
+            return  # dying at once again and again: do not spin
+        LOGGER.error("%s process exited with code %s; restarting it", self.name,
+                     self._process.returncode)
+        self.start()
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM, then wait: a training run stops at its next step and keeps a checkpoint."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            LOGGER.error("%s process did not stop within %.0f s; killed", self.name, timeout)
+            self._process.kill()
+            self._process.wait()
+
+
+class Trainer:
+    """The trainer process (``dafne-node trainer``): trains in IT's windows, one run at a time.
+
+    Every ``tick_s`` it queues a training run when one is due
+    (:func:`dafne_node.learning.training.schedule_training`) and, while a window is open,
+    runs queued train jobs through the same job runner as every other kind. SIGTERM stops
+    a run at its next step with a checkpoint; the run continues in the next trainer.
+    """
+
+    def __init__(self, config: NodeConfig, *, tick_s: float = 30.0,
+                 clock: Callable[[], datetime] = utcnow, exit_with_parent: bool = False) -> None:
+        self.config = config
+        self._parent = os.getppid() if exit_with_parent else None
+        self.worker_id = worker_identity(config.node.name)
+        self.engine, self.sessions = open_database(config)
+        self._tick_s = tick_s
+        self._clock = clock
+        self.stop_event = threading.Event()
+        self._runner = JobRunner(self.sessions, {JobKind.TRAIN: TrainHandler(
+            self.sessions, config, stop=self.stop_event, clock=clock)}, self.worker_id,
+            clock=clock)
+
+    def tick(self) -> bool:
+        """Queue a run if one is due, and run one queued run if a window is open."""
+        now = self._clock()
+        with self.sessions() as session, session.begin():
+            schedule_training(session, self.config, now)
+        if open_window(self.config.training.windows, now) is None:
+            return False
+        return self._runner.run_once() is not None
+
+    def run_until_signalled(self) -> None:
+        """Tick until SIGTERM or SIGINT."""
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            LOGGER.info("trainer received %s", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        if self._parent is not None:
+            threading.Thread(target=self._exit_with_parent, name="parent-watch",
+                             daemon=True).start()
+        LOGGER.info("trainer %s started", self.worker_id)
+        while not self.stop_event.is_set():
+            try:
+                busy = self.tick()
+            except Exception:
+                LOGGER.exception("trainer tick failed; retrying in %.0f s", self._tick_s)
+                busy = False
+            if not busy:
+                self.stop_event.wait(self._tick_s)
+        self.engine.dispose()
+        LOGGER.info("trainer %s stopped", self.worker_id)
+
+    def _exit_with_parent(self) -> None:
+        """Stop (at the next step, checkpoint kept) when the node that started us is gone.
+
+        A node killed with SIGKILL cannot stop its trainer; an orphaned trainer would train
+        on beside the restarted node's own.
+        """
+        while not self.stop_event.wait(1.0):
+            if os.getppid() != self._parent:
+                LOGGER.warning("the node process %d that started this trainer is gone; "
+                               "stopping", self._parent)
+                self.stop_event.set()

@@ -16,19 +16,25 @@ report the same numbers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from dafne_node.learning.windows import TrainingWindow, next_opening, open_window
+from dafne_node.model_registry import active_model, version_label
 from db.base import utcnow
-from db.corrections import correction_counts, list_corrections
+from db.corrections import correction_counts, list_corrections, new_example_count
+from db.jobs import active_job
 from db.node_models import (
     Correction,
     CorrectionState,
+    Instance,
     Job,
     JobKind,
     JobState,
@@ -48,6 +54,8 @@ __all__ = [
     "NodeStatus",
     "OutboxStatus",
     "SkippedSeries",
+    "TrainingRun",
+    "TrainingStatus",
     "collect_status",
     "correction_counts",
     "correction_items",
@@ -73,6 +81,33 @@ class ModelInfo(BaseModel):
 
     name: str
     generation: int
+    version: str | None = Field(
+        default=None, description="g1 for a root generation, g1-local2 for a local model")
+
+
+class TrainingRun(BaseModel):
+    """The outcome of the last finished training run."""
+
+    job_id: int
+    outcome: str = Field(description="accepted, rejected, nothing to train, or failed")
+    reason: str | None = None
+    model: str | None = Field(default=None, description="the new local model, if accepted")
+    finished_at: datetime | None = None
+
+
+class TrainingStatus(BaseModel):
+    """Where learning stands: windows, waiting examples, the current and the last run."""
+
+    window_open_until: datetime | None = Field(
+        default=None, description="end of the training window open now")
+    next_window_at: datetime | None = None
+    waiting_examples: int = Field(description="corrections queued for training")
+    new_examples: int = Field(description="of those, arrived since the last run was queued")
+    current_run: int | None = Field(default=None, description="the queued or running job")
+    current_state: str | None = None
+    current_note: str | None = Field(
+        default=None, description="why a queued run waits (e.g. paused at a window's end)")
+    last_run: TrainingRun | None = None
 
 
 class DestinationOutbox(BaseModel):
@@ -170,6 +205,9 @@ class NodeStatus(BaseModel):
     jobs_by_kind: dict[str, dict[str, int]] = Field(description="kind -> state -> count")
     outbox: OutboxStatus
     corrections: dict[str, int] = Field(description="corrections by state (every state present)")
+    training: TrainingStatus
+    disk_bytes: dict[str, int] = Field(
+        default_factory=dict, description="bytes used by the spool, examples, models, results")
     skipped_series: list[SkippedSeries] = Field(default_factory=list)
     failed_jobs: list[FailedJob] = Field(default_factory=list)
 
@@ -340,6 +378,8 @@ def collect_status(
     model_generation: int,
     now: datetime | None = None,
     recent: int = DEFAULT_RECENT,
+    windows: Sequence[TrainingWindow] = (),
+    data_dir: Path | None = None,
 ) -> NodeStatus:
     """Take a snapshot of the node from its database.
 
@@ -354,6 +394,10 @@ def collect_status(
         The snapshot's time (aware); the current time by default.
     recent : int
         How many skipped series and failed jobs to list (newest first).
+    windows : sequence of TrainingWindow
+        The node's training windows, for the open and the next one.
+    data_dir : Path, optional
+        The node's data directory, to report the disk it uses.
 
     Raises
     ------
@@ -372,9 +416,13 @@ def collect_status(
         for state, count in states.items():
             jobs[state] += count
     last_received_at = session.scalar(select(func.max(Series.last_received_at)))
+    corrections = correction_counts(session)
+    active = active_model(session, model_name)
+    version = (version_label(active.generation, active.local_round) if active is not None
+               else f"g{model_generation}")
     return NodeStatus(
         generated_at=now.astimezone(UTC),
-        model=ModelInfo(name=model_name, generation=model_generation),
+        model=ModelInfo(name=model_name, generation=model_generation, version=version),
         instances_received=count_instances(session),
         studies=int(session.scalar(select(func.count()).select_from(Study)) or 0),
         series=count_series(session),
@@ -385,10 +433,55 @@ def collect_status(
             states=count_outbox(session),
             destinations=count_outbox_by_destination(session),
         ),
-        corrections=correction_counts(session),
+        corrections=corrections,
+        training=_training_status(session, windows, now, corrections),
+        disk_bytes=_disk_use(session, data_dir) if data_dir is not None else {},
         skipped_series=_recent_skipped(session, recent) if recent else [],
         failed_jobs=_recent_failed(session, recent) if recent else [],
     )
+
+
+def _training_status(session: Session, windows: Sequence[TrainingWindow], now: datetime,
+                     corrections: dict[str, int]) -> TrainingStatus:
+    window = open_window(windows, now) if windows else None
+    upcoming = next_opening(windows, now) if windows else None
+    current = active_job(session, JobKind.TRAIN)
+    last = session.scalars(
+        select(Job).where(Job.kind == JobKind.TRAIN,
+                          Job.state.in_([JobState.DONE, JobState.FAILED]))
+        .order_by(Job.finished_at.desc(), Job.id.desc()).limit(1)
+    ).first()
+    last_run = None
+    if last is not None:
+        result = last.result or {}
+        last_run = TrainingRun(
+            job_id=last.id,
+            outcome=str(result.get("outcome") or last.state.value),
+            reason=result.get("reason") or last.error,
+            model=result.get("version_label") if result.get("outcome") == "accepted" else None,
+            finished_at=last.finished_at,
+        )
+    return TrainingStatus(
+        window_open_until=window.closes_at if window else None,
+        next_window_at=upcoming.opened_at if upcoming else None,
+        waiting_examples=corrections.get(CorrectionState.QUEUED.value, 0),
+        new_examples=new_example_count(session)[0],
+        current_run=current.id if current else None,
+        current_state=current.state.value if current else None,
+        current_note=current.error if current else None,
+        last_run=last_run,
+    )
+
+
+def _disk_use(session: Session, data_dir: Path) -> dict[str, int]:
+    """Bytes in the spool (from the index: no walk over millions of files) and the rest."""
+    spool = session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0
+    use = {"spool": int(spool)}
+    for folder in ("examples", "models", "results"):
+        path = data_dir / folder
+        use[folder] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) \
+            if path.is_dir() else 0
+    return use
 
 
 # -- for a terminal ------------------------------------------------------------------------
@@ -429,6 +522,38 @@ def _one_line(text: str | None, width: int = 100) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def _size(count: int) -> str:
+    """``512 B``, ``3.4 MiB``, ``12.0 GiB``."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _training_lines(training: TrainingStatus, now: datetime) -> list[str]:
+    if training.window_open_until is not None:
+        window = f"open until {training.window_open_until:%Y-%m-%d %H:%M} UTC"
+    elif training.next_window_at is not None:
+        window = f"next window {training.next_window_at:%Y-%m-%d %H:%M} UTC"
+    else:
+        window = "no training window configured"
+    lines = [f"Training:  {window}; {training.waiting_examples} example(s) waiting, "
+             f"{training.new_examples} new since the last run"]
+    if training.current_run is not None:
+        note = f" ({_one_line(training.current_note)})" if training.current_note else ""
+        lines.append(f"           run #{training.current_run} {training.current_state}{note}")
+    if training.last_run is not None:
+        run = training.last_run
+        when = f", {_since(run.finished_at, now)}" if run.finished_at else ""
+        model = f", model {run.model}" if run.model else ""
+        lines.append(f"           last run #{run.job_id}: {run.outcome}{model}{when}")
+        if run.reason:
+            lines.append(f"             {_one_line(run.reason)}")
+    return lines
+
+
 def format_status(status: NodeStatus, *, active_window: timedelta = timedelta(minutes=5)) -> str:
     """Render a status for a terminal: the answers first, the details after.
 
@@ -446,7 +571,9 @@ def format_status(status: NodeStatus, *, active_window: timedelta = timedelta(mi
     now = status.generated_at
     lines = [
         f"Dafne Node status at {now:%Y-%m-%d %H:%M:%S} UTC",
-        f"Model:     {status.model.name}, generation {status.model.generation}",
+        f"Model:     {status.model.name}, generation {status.model.generation}"
+        + (f" (local model {status.model.version}, fine-tuned on this node's corrections)"
+           if status.model.version and "local" in status.model.version else ""),
     ]
     if status.last_received_at is None:
         receiving = "nothing received yet"
@@ -463,6 +590,10 @@ def format_status(status: NodeStatus, *, active_window: timedelta = timedelta(mi
     lines.append(f"Jobs:      {_counts(status.jobs)}")
     lines.append(f"Outbox:    {_counts(status.outbox.states)}")
     lines.append(f"Corrections: {_counts(status.corrections)}")
+    lines.extend(_training_lines(status.training, now))
+    if status.disk_bytes:
+        lines.append("Disk:      " + "  ".join(
+            f"{name} {_size(size)}" for name, size in status.disk_bytes.items()))
 
     attention: list[str] = []
     failed = status.jobs.get(JobState.FAILED.value, 0)

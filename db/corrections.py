@@ -14,7 +14,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.base import dialect_insert, utcnow
-from db.node_models import CORRECTION_TRANSITIONS, Correction, CorrectionState, Job
+from db.node_models import (
+    CORRECTION_TRANSITIONS,
+    Correction,
+    CorrectionState,
+    Job,
+    JobKind,
+)
 
 __all__ = [
     "REPLACEABLE",
@@ -23,6 +29,7 @@ __all__ = [
     "is_node_seg",
     "list_corrections",
     "move",
+    "new_example_count",
     "record",
     "supersede_older",
 ]
@@ -110,3 +117,21 @@ def list_corrections(session: Session, *, limit: int = 100,
     if states:
         query = query.where(Correction.state.in_(list(states)))
     return list(session.scalars(query))
+
+
+def new_example_count(session: Session) -> tuple[int, int]:
+    """Examples queued since the last training run was queued, and the newest one's id.
+
+    A run records the newest correction it was queued for (``max_correction_id``); what
+    arrived after it is new, so a rejected run's examples do not trigger the next run alone.
+    """
+    last = session.scalars(
+        select(Job).where(Job.kind == JobKind.TRAIN).order_by(Job.id.desc()).limit(1)
+    ).first()
+    since = int(last.payload.get("max_correction_id", 0)) if last is not None else 0
+    count, newest = session.execute(
+        select(func.count(), func.max(Correction.id))
+        .where(Correction.state == CorrectionState.QUEUED, Correction.id > since,
+               Correction.example_path.is_not(None))
+    ).one()
+    return int(count), int(newest or since)

@@ -35,6 +35,8 @@ TAKE_OVER = (JobState.RUNNING, JobState.QUEUED)
 """The state change :func:`requeue_stale_jobs` makes (in ``JOB_TRANSITIONS``, tested)."""
 
 __all__ = [
+    "active_job",
+    "claim_job",
     "claim_next_job",
     "enqueue_job",
     "heartbeat",
@@ -133,6 +135,33 @@ def claim_next_job(
     if job_id is None:
         return None
     return session.get(Job, job_id, populate_existing=True)
+
+
+def claim_job(session: Session, job_id: int, worker_id: str, *,
+              now: datetime | None = None) -> Job | None:
+    """Claim the queued job ``job_id`` for ``worker_id``; None if it is not queued.
+
+    The same change as :func:`claim_next_job`, for a process that chose its job (IT's
+    ``train --now``); None means another process took it first.
+    """
+    now = now or utcnow()
+    claimed = session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.state == CLAIM[0].value)
+        .values(state=CLAIM[1].value, claimed_by=worker_id, claimed_at=now, heartbeat_at=now,
+                attempts=Job.attempts + 1, updated_at=now)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return None if claimed is None else session.get(Job, claimed, populate_existing=True)
+
+
+def active_job(session: Session, kind: JobKind) -> Job | None:
+    """The oldest job of ``kind`` that is queued or running (a train job: the only one)."""
+    return session.scalars(
+        select(Job).where(Job.kind == kind, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        .order_by(Job.id).limit(1)
+    ).first()
 
 
 def heartbeat(session: Session, job_id: int, worker_id: str) -> bool:

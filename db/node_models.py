@@ -305,11 +305,15 @@ class OutboxItem(_Timestamps, NodeBase):
 
 
 class Model(NodeBase):
-    """A model generation on disk; at most one active generation per model name."""
+    """A model on disk; at most one active model per model name.
+
+    ``local_round`` is 0 for a root generation (bundled or from the federation) and 1, 2, …
+    for the models this node fine-tuned from it on its own corrections.
+    """
 
     __tablename__ = "models"
     __table_args__ = (
-        UniqueConstraint("name", "generation"),
+        UniqueConstraint("name", "generation", "local_round"),
         Index(
             "uq_models_active_name",
             "name",
@@ -322,6 +326,7 @@ class Model(NodeBase):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64))
     generation: Mapped[int] = mapped_column(Integer)
+    local_round: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
     active: Mapped[bool] = mapped_column(Boolean, default=False)

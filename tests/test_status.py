@@ -244,7 +244,10 @@ def test_json_has_the_documented_keys(factory: sessionmaker[Session]) -> None:
     data = json.loads(_status(factory).model_dump_json())
     assert data["instances_received"] == 8
     assert data["jobs"]["failed"] == 2
-    assert data["model"] == {"name": "dafne-leg", "generation": 3}
+    assert data["model"] == {"name": "dafne-leg", "generation": 3, "version": "g3"}
+    assert data["corrections"]["queued"] == 0
+    assert {"window_open_until", "next_window_at", "waiting_examples", "new_examples",
+            "current_run", "last_run"} <= set(data["training"])
     assert data["outbox"]["destinations"][0]["destination"] == PACS
 
 
@@ -279,7 +282,7 @@ def test_a_fixed_number_of_grouped_queries(tmp_path: Path) -> None:
     full = _count_statements(engine, lambda: _status(sessions))
     engine.dispose()
     assert len(full) == len(empty) + 1  # + the last-error query once a destination exists
-    assert len(full) <= 14  # received, jobs, outbox, corrections, training: a few each
+    assert len(full) <= 16  # received, jobs, outbox, model, corrections, training
     instance_queries = [s for s in full if "FROM instances" in s]
     assert instance_queries and all("count(" in s.lower() for s in instance_queries)
 

@@ -10,7 +10,8 @@ meant for the host itself or a monitoring network).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -20,6 +21,7 @@ from dafne_node import __version__
 from dafne_node.api.deps import AppContext
 from dafne_node.api.routes import corrections, health, jobs, metrics, status
 from dafne_node.api.routes.metrics import NodeCollector
+from dafne_node.learning.windows import TrainingWindow
 
 __all__ = ["AppContext", "NodeCollector", "create_app"]
 
@@ -31,6 +33,8 @@ def create_app(
     session_factory: sessionmaker[Session],
     model_info: Callable[[], tuple[str, int]],
     ready: Callable[[], bool] | None = None,
+    windows: Sequence[TrainingWindow] = (),
+    data_dir: Path | None = None,
 ) -> FastAPI:
     """Build the admin API of one node.
 
@@ -44,6 +48,10 @@ def create_app(
     ready : callable, optional
         Returns whether the node is ready to receive (``/health`` answers 503 while not);
         ``None`` means ready whenever the database answers.
+    windows : sequence of TrainingWindow
+        The node's training windows, shown by ``/status``.
+    data_dir : Path, optional
+        The node's data directory, whose disk use ``/status`` shows.
 
     Returns
     -------
@@ -62,6 +70,8 @@ def create_app(
         model_info=model_info,
         ready=ready,
         registry=registry,
+        windows=tuple(windows),
+        data_dir=data_dir,
     )
     for module in (health, status, jobs, corrections, metrics):
         app.include_router(module.router)

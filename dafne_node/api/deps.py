@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
+from dafne_node.learning.windows import TrainingWindow
 from dafne_node.status import ModelInfo
 
 __all__ = [
@@ -44,6 +46,10 @@ class AppContext:
     model_info: Callable[[], tuple[str, int]]
     ready: Callable[[], bool] | None
     registry: CollectorRegistry
+    windows: tuple[TrainingWindow, ...] = ()
+    """The node's training windows, for ``/status``."""
+    data_dir: Path | None = None
+    """The node's data directory, for the disk use in ``/status``."""
 
 
 def get_context(request: Request) -> AppContext:

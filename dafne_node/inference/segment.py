@@ -19,7 +19,7 @@ from dafne_node.config import ConfigError, NodeConfig
 from dafne_node.dicomio import save_dataset_atomically
 from dafne_node.jobs import lifecycle
 from dafne_node.jobs.runner import ClaimedJob
-from dafne_node.segmentation import SegmentationResult, SeriesSegmenter
+from dafne_node.segmentation import ModelSource, SegmentationResult
 from dafne_node.volume import InputError, read_series
 from db.base import dialect_insert, utcnow
 from db.node_models import (
@@ -54,19 +54,20 @@ class SegmentHandler:
         Sessions on the node database.
     config:
         Destinations, data directory and spool location.
-    segmenter:
-        The loaded model, shared with the rest of the process.
+    models:
+        The model to use: the node's active model (switched when another is activated),
+        or a fixed one.
     """
 
     def __init__(
         self,
         session_factory: sessionmaker[Session],
         config: NodeConfig,
-        segmenter: SeriesSegmenter,
+        models: ModelSource,
     ) -> None:
         self._sessions = session_factory
         self._config = config
-        self._segmenter = segmenter
+        self._models = models
 
     @property
     def results_dir(self) -> Path:
@@ -124,7 +125,7 @@ class SegmentHandler:
         if refusals or len(series) != 1:
             reasons = "; ".join(str(refusal) for refusal in refusals) or "several series"
             raise InputError(f"spooled files are not one readable series: {reasons}")
-        return self._segmenter.segment_series(series[0], revision=revision)
+        return self._models.current().segment_series(series[0], revision=revision)
 
     def _queue_delivery(self, claimed: ClaimedJob, result: SegmentationResult, seg_path: Path,
                         destinations: tuple[str, ...]) -> None:
@@ -149,7 +150,8 @@ class SegmentHandler:
             job.result = {
                 "seg_path": str(seg_path),
                 "precision": result.precision,
-                "model": {"name": result.model_name, "generation": result.generation},
+                "model": {"name": result.model_name, "generation": result.generation,
+                          "version": result.model_version},
                 "volumes_ml": {s.label.key: round(s.millilitres, 2) for s in result.structures},
                 "timings_s": {key: round(value, 3) for key, value in result.timings.items()},
             }

@@ -25,6 +25,7 @@ __all__ = [
     "JobError",
     "fail",
     "finish",
+    "pause",
     "requeue",
     "retry_job",
     "skip",
@@ -74,6 +75,17 @@ def requeue(job: Job, reason: str, *, not_before: datetime) -> None:
     job.not_before = not_before
     LOGGER.warning("job %d: attempt %d failed (%s); retrying", job.id, job.attempts,
                    job.error, extra={"job_id": job.id})
+
+
+def pause(job: Job, reason: str, *, not_before: datetime | None) -> None:
+    """Put a job that stopped cleanly back in the queue, to continue not before ``not_before``.
+
+    A training run stopped at a step at the end of its window continues from its checkpoint.
+    """
+    _move(job, JobState.QUEUED, error=reason)
+    job.claimed_by = None
+    job.not_before = not_before
+    LOGGER.info("job %d paused: %s", job.id, job.error, extra={"job_id": job.id})
 
 
 def start_sending(job: Job) -> None:

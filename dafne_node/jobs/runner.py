@@ -11,9 +11,11 @@ the next job. A handler owns its own outcome otherwise, through the life cycle.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,7 +25,8 @@ from db.base import utcnow
 from db.jobs import claim_next_job
 from db.node_models import Job, JobKind, JobState
 
-__all__ = ["MAX_ATTEMPTS", "RETRY_DELAY", "ClaimedJob", "JobHandler", "JobRunner"]
+__all__ = ["MAX_ATTEMPTS", "RETRY_DELAY", "ClaimedJob", "JobHandler", "JobRunner",
+           "worker_identity"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -32,6 +35,11 @@ MAX_ATTEMPTS = 3
 
 RETRY_DELAY = timedelta(seconds=30)
 """Wait before the next attempt, times the attempts so far."""
+
+
+def worker_identity(node_name: str) -> str:
+    """``name@host:pid``, recorded in claimed jobs so a restart knows which were its own."""
+    return f"{node_name}@{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -62,15 +70,19 @@ class JobRunner:
         The handler for each job kind this process runs.
     worker_id:
         Recorded in ``jobs.claimed_by``; unique per process (``name@host:pid``).
+    clock:
+        The current time, against which a job's ``not_before`` is due (tests drive it).
     """
 
     def __init__(self, session_factory: sessionmaker[Session],
-                 handlers: Mapping[JobKind, JobHandler], worker_id: str) -> None:
+                 handlers: Mapping[JobKind, JobHandler], worker_id: str, *,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         if not handlers:
             raise ValueError("a job runner needs at least one handler")
         self._sessions = session_factory
         self._handlers = dict(handlers)
         self.worker_id = worker_id
+        self._clock = clock
 
     @property
     def kinds(self) -> tuple[JobKind, ...]:
@@ -80,10 +92,14 @@ class JobRunner:
     def run_once(self) -> object | None:
         """Claim and run one job; its handler's result, or None when there was none."""
         with self._sessions() as session, session.begin():
-            job = claim_next_job(session, self._handlers, self.worker_id)
+            job = claim_next_job(session, self._handlers, self.worker_id, now=self._clock())
             if job is None:
                 return None
             claimed = ClaimedJob(job.id, JobKind(job.kind), self.worker_id)
+        return self.run_claimed(claimed)
+
+    def run_claimed(self, claimed: ClaimedJob) -> object | None:
+        """Run a job this runner's process claimed; its handler's result, or None."""
         try:
             return self._handlers[claimed.kind].handle(claimed)
         except (KeyboardInterrupt, SystemExit):

@@ -42,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "remove_checkpoint",
     "save_checkpoint",
+    "save_safetensors_atomically",
 ]
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -106,12 +107,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tensors(state: TrainingState) -> dict[str, torch.Tensor]:
-    """Flatten a state's tensors into one namespace: ``model/…``, ``optimizer/…``, ``rng``."""
-    tensors = {f"model/{k}": v for k, v in state.model.items()}
-    tensors.update({f"optimizer/{k}": v for k, v in state.optimizer.items()})
-    tensors["rng"] = state.rng
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+def save_safetensors_atomically(path: str | os.PathLike[str],
+                                tensors: dict[str, torch.Tensor],
+                                metadata: dict[str, str]) -> Path:
+    """Write a safetensors file so that ``path`` is always either the old file or the new one.
+
+    The file is written to a temporary name beside ``path``, fsynced, renamed onto it and
+    the directory fsynced. A temporary file left behind by a killed writer is removed by
+    the next write to the same path.
+
+    Parameters
+    ----------
+    path:
+        The file to create or replace (its directory is created if missing).
+    tensors:
+        Tensors to store (copied to contiguous CPU tensors first).
+    metadata:
+        String metadata stored in the file's header.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+                  str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    return target
 
 
 def save_checkpoint(directory: str | os.PathLike[str], state: TrainingState) -> Path:
@@ -129,26 +163,16 @@ def save_checkpoint(directory: str | os.PathLike[str], state: TrainingState) -> 
     Path
         The checkpoint file.
     """
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(_TMP_GLOB):
-        stale.unlink(missing_ok=True)
     header = {
         "step": state.step, "total_steps": state.total_steps, "fingerprint": state.fingerprint,
         "param_groups": state.param_groups, "losses": state.losses, "seconds": state.seconds,
     }
-    target = root / CHECKPOINT_FILE
-    tmp = root / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
-    try:
-        save_file(_tensors(state), str(tmp),
-                  metadata={"format": _FORMAT, "state": json.dumps(header, allow_nan=False)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(root)
+    tensors = {f"model/{k}": v for k, v in state.model.items()}
+    tensors.update({f"optimizer/{k}": v for k, v in state.optimizer.items()})
+    tensors["rng"] = state.rng
+    target = save_safetensors_atomically(
+        Path(directory) / CHECKPOINT_FILE, tensors,
+        {"format": _FORMAT, "state": json.dumps(header, allow_nan=False)})
     LOGGER.debug("checkpoint at step %d of %d written to %s", state.step, state.total_steps,
                  target)
     return target

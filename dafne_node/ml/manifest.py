@@ -158,6 +158,7 @@ class ModelManifest(BaseModel):
     weights: WeightsSpec
     created: datetime
     training: dict[str, Any] | None = None
+    local_round: int | None = Field(default=None, ge=1)
 
     def to_labels(self) -> tuple[Label, ...]:
         """The labels the model was trained for, as its manifest writes them.
@@ -178,6 +179,16 @@ class ModelManifest(BaseModel):
     def num_classes(self) -> int:
         """Background plus the labels."""
         return len(self.labels) + 1
+
+    @property
+    def version_label(self) -> str:
+        """``"g1"`` for root generation 1, ``"g1-local3"`` for its third local fine-tuning.
+
+        Why: a SEG names the algorithm version that made it, and a model fine-tuned on this
+        node's corrections must not pass for the federation's root generation it started from.
+        """
+        root = f"g{self.generation}"
+        return root if self.local_round is None else f"{root}-local{self.local_round}"
 
 
 @dataclass
@@ -385,6 +396,7 @@ def save_model_dir(
     training: Mapping[str, Any] | None = None,
     weights_dtype: torch.dtype = torch.float32,
     created: datetime | None = None,
+    local_round: int | None = None,
 ) -> ModelManifest:
     """Write ``model`` as a model directory at ``path``, replacing it atomically.
 
@@ -413,6 +425,10 @@ def save_model_dir(
         ``torch.float32`` or ``torch.float16`` (halves the file; the loader casts back).
     created:
         Creation time; now (UTC) if not given.
+    local_round:
+        For a model fine-tuned on this node: the local round (1, 2, ...) on top of root
+        ``generation``; ``None`` (default) for a root generation, whose manifest then has no
+        ``local_round`` key, exactly as before the key existed.
 
     Returns
     -------
@@ -448,8 +464,10 @@ def save_model_dir(
                                 dtype=str(weights_dtype).removeprefix("torch.")),
             created=created or datetime.now(UTC),
             training=_json_safe(dict(training)) if training is not None else None,
+            local_round=local_round,
         )
-        payload = manifest.model_dump(mode="json")
+        payload = manifest.model_dump(
+            mode="json", exclude={"local_round"} if local_round is None else None)
         manifest_path = tmp / MANIFEST_FILE
         with open(manifest_path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2, allow_nan=False)
@@ -473,5 +491,5 @@ def save_model_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    LOGGER.info("saved model %r generation %d to %s", name, generation, target)
+    LOGGER.info("saved model %r %s to %s", name, manifest.version_label, target)
     return manifest

@@ -21,6 +21,10 @@ Choices and why:
 * Training runs in NCHW with bf16 autocast where the CPU supports it; see :func:`train`.
 * Everything random is drawn from one seeded generator, so a run is repeatable (bit-for-bit
   on the same machine and thread count).
+* A node trains only inside its training windows and gives way to segmentation, so a run can
+  stop at any step boundary (``should_stop``), pause (``between_steps``) and continue later
+  from a checkpoint (:mod:`dafne_node.ml.checkpoint`: weights, AdamW state, step, random
+  state) to exactly the weights an uninterrupted run would reach.
 
 The bundled model: ``build_default_model(default_model_dir())`` - 48 site-A phantom
 subjects (seeds 1000-1047), 1200 steps of 8 slices - took 20 minutes on 2 shared CPU cores
@@ -30,13 +34,14 @@ and reached a mean Dice of 0.977 on 20 held-out site-A subjects (seeds 0-19); th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,6 +51,12 @@ from tqdm import tqdm
 
 from dafne_node.labels import LEG_MUSCLES, Label
 from dafne_node.ml.architectures import build_model, count_parameters
+from dafne_node.ml.checkpoint import (
+    CheckpointError,
+    TrainingState,
+    load_checkpoint,
+    save_checkpoint,
+)
 from dafne_node.ml.infer import Precision, Segmenter, available_cores, resolve_precision
 from dafne_node.ml.manifest import ModelManifest, save_model_dir
 from dafne_node.ml.metrics import dice_per_label, mean_dice
@@ -101,7 +112,12 @@ class TrainingExample:
 
 @dataclass
 class TrainingReport:
-    """What a training run did; JSON-able via :func:`dataclasses.asdict`."""
+    """What a training run did; JSON-able via :func:`dataclasses.asdict`.
+
+    ``steps`` is the length of the whole run; ``completed_steps`` is less when the run was
+    stopped (``interrupted``), and ``resumed_from`` is the step a resumed call started at.
+    Losses, history and ``seconds`` cover the whole run across resumptions.
+    """
 
     steps: int
     batch_size: int
@@ -114,6 +130,10 @@ class TrainingReport:
     initial_loss: float
     final_loss: float
     loss_history: list[float] = field(default_factory=list)
+    completed_steps: int = 0
+    resumed_from: int = 0
+    interrupted: bool = False
+    threads: int = 0
 
 
 @dataclass
@@ -207,6 +227,97 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _sha256_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Hash of named tensors (names, dtypes, shapes and bytes), to recognise a run's inputs."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _fingerprint(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run starts from, so that a checkpoint is resumed only into the same run."""
+    return {
+        "data": _sha256_tensors([("images", images), ("labels", labels)]),
+        "initial_weights": _sha256_tensors(sorted(model.state_dict().items())),
+        "settings": dict(settings),
+    }
+
+
+def _check_fingerprint(state: TrainingState, expected: Mapping[str, Any],
+                       directory: Path) -> None:
+    """Refuse a checkpoint of another run, naming what differs."""
+    differs = [key for key in ("data", "initial_weights", "settings")
+               if state.fingerprint.get(key) != expected[key]]
+    if differs:
+        detail = (f" (checkpoint {state.fingerprint.get('settings')}, now {expected['settings']})"
+                  if "settings" in differs else "")
+        raise CheckpointError(f"checkpoint in {directory} belongs to another run: "
+                              f"its {', '.join(differs)} differ{detail}")
+
+
+def _capture_state(model: nn.Module, optimizer: torch.optim.Optimizer, names: Sequence[str],
+                   gen: torch.Generator, *, step: int, steps: int,
+                   fingerprint: dict[str, Any], losses: list[float],
+                   seconds: float) -> TrainingState:
+    """Snapshot of a run at a step boundary, with optimizer state keyed by parameter name."""
+    opt = optimizer.state_dict()
+    tensors = {f"{names[idx]}/{key}": value
+               for idx, per_param in opt["state"].items() for key, value in per_param.items()}
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [names[i] for i in group["params"]]} for group in opt["param_groups"]]
+    return TrainingState(step=step, total_steps=steps, fingerprint=fingerprint,
+                         model=dict(model.state_dict()), optimizer=tensors, param_groups=groups,
+                         rng=gen.get_state(), losses=list(losses), seconds=seconds)
+
+
+def _restore_state(state: TrainingState, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   names: Sequence[str], gen: torch.Generator) -> None:
+    """Put a checkpoint's weights, optimizer state and random state back in place."""
+    index = {name: i for i, name in enumerate(names)}
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    try:
+        model.load_state_dict(state.model, strict=True)
+        for key, value in state.optimizer.items():
+            name, _, item = key.rpartition("/")
+            per_param.setdefault(index[name], {})[item] = value
+        groups = [{**group, "params": [index[n] for n in group["params"]]}
+                  for group in state.param_groups]
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint does not fit this model and optimizer: {exc}"
+                              ) from None
+    gen.set_state(state.rng)
+
+
+def _run_precision(precision: Precision, device: torch.device,
+                   threads: int | None) -> Literal["bf16", "fp32"]:
+    """Resolve the precision for ``device`` and bound torch's threads on a CPU."""
+    if device.type == "cpu":
+        wanted = threads or available_cores()
+        if wanted < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+        return resolve_precision(precision)
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return resolve_precision(precision)
+
+
+def _summarise(losses: Sequence[float]) -> tuple[float, float, list[float]]:
+    """Initial and final loss (means over a window) and a history of at most ~50 points."""
+    if not losses:
+        return float("nan"), float("nan"), []
+    window = max(1, min(20, len(losses) // 4 or 1))
+    chunk = max(1, len(losses) // 50)
+    history = [float(np.mean(losses[i:i + chunk])) for i in range(0, len(losses), chunk)]
+    return float(np.mean(losses[:window])), float(np.mean(losses[-window:])), history
+
+
 def train(
     model: nn.Module,
     examples: Sequence[TrainingExample],
@@ -223,8 +334,13 @@ def train(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     device: str | torch.device = "cpu",
+    threads: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    between_steps: Callable[[], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
 ) -> TrainingReport:
-    """Train ``model`` in place on labelled volumes.
+    """Train ``model`` in place on labelled volumes; stoppable and resumable at any step.
 
     Parameters
     ----------
@@ -259,16 +375,42 @@ def train(
     device:
         Where to train (``"cpu"``, or ``"cuda"`` on a node that has a GPU). The model is
         moved there and left there.
+    threads:
+        Torch intra-op threads on a CPU (process-wide); default: every core this process may
+        use. A node's trainer process bounds it so that segmentation keeps some cores.
+    should_stop:
+        Asked before every step; when it returns true the run writes a checkpoint (if
+        ``checkpoint_dir`` is given) and returns with ``report.interrupted`` set.
+    between_steps:
+        Called before every step, before ``should_stop``; it may block, e.g. to pause
+        training while segmentation jobs wait.
+    checkpoint_dir:
+        The run's checkpoint directory (see :mod:`dafne_node.ml.checkpoint`). If it holds a
+        checkpoint of this run (same data, initial weights and settings), training continues
+        from it and ends with the weights an uninterrupted run would have; a checkpoint is
+        written when the run stops and when it completes.
+    checkpoint_every:
+        Also write a checkpoint every this many steps, so that a killed process loses at
+        most that much work.
 
     Returns
     -------
     TrainingReport
-        Steps, timing and the loss curve.
+        Steps, timing and the loss curve (of the whole run, across resumptions).
+
+    Raises
+    ------
+    CheckpointError
+        If ``checkpoint_dir`` holds an unreadable checkpoint or one of another run.
+    FloatingPointError
+        If the loss becomes NaN or infinite.
     """
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps and epochs")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
     num_classes = int(getattr(model, "architecture_params", {}).get("num_classes", 7))
     images, labels = prepare_examples(examples, preprocessing, num_classes)
     n_slices = images.shape[0]
@@ -278,33 +420,52 @@ def train(
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
     device = torch.device(device)
-    if device.type == "cpu":
-        run_precision = resolve_precision(precision)
-        threads = available_cores()
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-    elif precision == "auto":
-        run_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    else:
-        run_precision = resolve_precision(precision)
+    run_precision = _run_precision(precision, device, threads)
 
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                "weight_decay": weight_decay, "augment": augment, "precision": run_precision}
+    fingerprint = _fingerprint(model, images, labels, settings)
     gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    losses: list[float] = []
+    start_step, previous_seconds = 0, 0.0
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpoints is not None and (state := load_checkpoint(checkpoints)) is not None:
+        _check_fingerprint(state, fingerprint, checkpoints)
+        _restore_state(state, model, optimizer, names, gen)
+        start_step, losses, previous_seconds = state.step, state.losses, state.seconds
+        LOGGER.info("resuming training at step %d of %d from %s", start_step, steps,
+                    checkpoints)
+
+    def checkpoint(step: int) -> None:
+        if checkpoints is not None:
+            save_checkpoint(checkpoints, _capture_state(
+                model, optimizer, names, gen, step=step, steps=steps, fingerprint=fingerprint,
+                losses=losses, seconds=previous_seconds + time.perf_counter() - start))
+
     warmup = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, steps, warmup))
     model.train()
     # Training runs in NCHW: GroupNorm's backward is ~10x slower on channels-last CPU tensors
     # (and has crashed there with small group sizes), which outweighs the faster convolutions.
     model.to(device=device, memory_format=torch.contiguous_format)
-    losses: list[float] = []
     start = time.perf_counter()
-    LOGGER.info("training %d steps, batch %d, lr %g, %s, on %d slices of %d examples",
-                steps, batch_size, lr, run_precision, n_slices, len(examples))
-    bar = tqdm(range(steps), desc="training", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    LOGGER.info("training %d steps, batch %d, lr %g, %s, %d threads, on %d slices of %d "
+                "examples", steps, batch_size, lr, run_precision, torch.get_num_threads(),
+                n_slices, len(examples))
+    bar = tqdm(range(start_step, steps), desc="training", unit="step", disable=not progress,
+               dynamic_ncols=True, initial=start_step, total=steps)
+    interrupted_at: int | None = None
     try:
         for step in bar:
+            if between_steps is not None:
+                between_steps()
+            if should_stop is not None and should_stop():
+                interrupted_at = step
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr * _lr_factor(step, steps, warmup)
             idx = torch.randint(0, n_slices, (batch_size,), generator=gen)
             x, y = images[idx], labels[idx].long()
             if augment:
@@ -318,7 +479,6 @@ def train(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
-            scheduler.step()
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"training loss became {value} at step {step}")
@@ -327,20 +487,27 @@ def train(
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
             if callback is not None:
                 callback(step, value)
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                checkpoint(step + 1)
+        checkpoint(steps if interrupted_at is None else interrupted_at)
     finally:
+        bar.close()
         model.eval()
-    seconds = time.perf_counter() - start
-    window = max(1, min(20, len(losses) // 4 or 1))
-    chunk = max(1, len(losses) // 50)
-    history = [float(np.mean(losses[i:i + chunk])) for i in range(0, len(losses), chunk)]
+    seconds = previous_seconds + time.perf_counter() - start
+    initial, final, history = _summarise(losses)
     report = TrainingReport(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=run_precision,
         examples=len(examples), slices=n_slices, seconds=round(seconds, 1),
-        initial_loss=float(np.mean(losses[:window])), final_loss=float(np.mean(losses[-window:])),
-        loss_history=history,
+        initial_loss=initial, final_loss=final, loss_history=history,
+        completed_steps=len(losses), resumed_from=start_step,
+        interrupted=interrupted_at is not None, threads=torch.get_num_threads(),
     )
-    LOGGER.info("trained %d steps in %.0f s, loss %.3f -> %.3f", steps, seconds,
-                report.initial_loss, report.final_loss)
+    if report.interrupted:
+        LOGGER.info("training stopped at step %d of %d after %.0f s", len(losses), steps,
+                    seconds)
+    else:
+        LOGGER.info("trained %d steps in %.0f s, loss %.3f -> %.3f", steps, seconds,
+                    report.initial_loss, report.final_loss)
     return report
 
 

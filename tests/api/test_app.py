@@ -99,7 +99,7 @@ def test_status_keys_and_values(node: Node) -> None:
     assert data["instances_received"] == 8
     assert data["jobs"] == {"queued": 1, "running": 0, "sending": 1, "done": 1, "failed": 2,
                             "skipped": 0}
-    assert data["model"] == {"name": "dafne-leg", "generation": 3}
+    assert data["model"] == {"name": "dafne-leg", "generation": 3, "version": "g3"}
     assert data["series"]["skipped"] == 1
     assert data["skipped_series"][0]["reason"] == "no routing rule matched"
     assert [d["destination"] for d in data["outbox"]["destinations"]] == [PACS, ARCHIVE]

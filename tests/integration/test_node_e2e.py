@@ -45,7 +45,7 @@ def test_pushed_study_comes_back_with_a_seg(tmp_path: Path) -> None:
     from dafne_node.ml.metrics import dice_per_label, mean_dice  # noqa: PLC0415
     from dafne_node.phantom import make_study  # noqa: PLC0415
     from dafne_node.phantom.study import write_study  # noqa: PLC0415
-    from dafne_node.seg import decode_segmentation  # noqa: PLC0415
+    from dafne_node.seg import SourceFrame, decode_segmentation  # noqa: PLC0415
 
     study = make_study(site="A", seed=21, slices=40)
     files = write_study(study, tmp_path / "study")
@@ -56,7 +56,8 @@ def test_pushed_study_comes_back_with_a_seg(tmp_path: Path) -> None:
     seg = dcmread(result["seg_file"])
     assert seg.StudyInstanceUID == study.study_instance_uid
     assert seg.SeriesDescription == "Dafne leg g1"
-    decoded = decode_segmentation(seg, LEG_MUSCLES, study.sop_instance_uids)
+    decoded = decode_segmentation(seg, LEG_MUSCLES,
+                                  [SourceFrame(uid) for uid in study.sop_instance_uids])
     scores = dice_per_label(decoded.label_map, study.labels, [lbl.value for lbl in LEG_MUSCLES])
     assert mean_dice(scores) >= 0.90, scores
     assert result["status"]["jobs"]["done"] == 1

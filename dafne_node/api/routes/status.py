@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from dafne_node.api.deps import ModelDep, SessionDep
+from dafne_node.api.deps import ContextDep, ModelDep, SessionDep
 from dafne_node.status import DEFAULT_RECENT, NodeStatus, collect_status
 
 __all__ = ["router"]
@@ -21,11 +21,13 @@ router = APIRouter(tags=["status"])
 def status(
     session: SessionDep,
     model: ModelDep,
+    context: ContextDep,
     recent: Annotated[
         int, Query(ge=0, le=1000, description="how many skipped series and failed jobs to list")
     ] = DEFAULT_RECENT,
 ) -> NodeStatus:
     """Counts of what was received, jobs, outbox, skipped series and the model in use."""
     return collect_status(
-        session, model_name=model.name, model_generation=model.generation, recent=recent
+        session, model_name=model.name, model_generation=model.generation, recent=recent,
+        windows=context.windows, data_dir=context.data_dir,
     )

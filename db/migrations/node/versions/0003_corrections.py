@@ -1,4 +1,9 @@
-"""Corrections: every SEG a viewer sends back, and what the node made of it.
+"""Corrections and local models.
+
+``corrections``: every SEG a viewer sends back, and what the node made of it.
+``models.local_round``: a model fine-tuned on this node's corrections is round 1, 2, … on
+top of its root generation (0 for the root itself), so ``(name, generation, local_round)``
+is what identifies a model.
 
 Revision ID: 0003_corrections
 Revises: 0002_instance_crc32
@@ -24,7 +29,7 @@ _BIGID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
-    """Create ``corrections``."""
+    """Create ``corrections``; add ``models.local_round``."""
     op.create_table(
         "corrections",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -69,6 +74,19 @@ def upgrade() -> None:
                     ["source_series_id"])
 
 
+    with op.batch_alter_table("models") as batch:
+        batch.add_column(sa.Column("local_round", sa.Integer(), nullable=False,
+                                   server_default="0"))
+        batch.drop_constraint("uq_models_name_generation", type_="unique")
+        batch.create_unique_constraint("uq_models_name_generation_local_round",
+                                       ["name", "generation", "local_round"])
+
+
 def downgrade() -> None:
-    """Drop ``corrections``."""
+    """Drop ``corrections`` and the local models."""
+    op.execute("DELETE FROM models WHERE local_round > 0")
+    with op.batch_alter_table("models") as batch:
+        batch.drop_constraint("uq_models_name_generation_local_round", type_="unique")
+        batch.create_unique_constraint("uq_models_name_generation", ["name", "generation"])
+        batch.drop_column("local_round")
     op.drop_table("corrections")
