@@ -9,6 +9,9 @@ to start.
 Environment variables: ``DAFNE_<SECTION>__<KEY>`` sets any key (for example
 ``DAFNE_DICOM__PORT=104``); the common ones also have short names, listed in
 :data:`SHORT_ENV_NAMES` (``DAFNE_DB_URL``, ``DAFNE_DATA_DIR`` …).
+
+The layers are pydantic-settings sources, highest first: command-line flags (init
+arguments), ``DAFNE_*`` variables, their short names, the TOML file, the defaults.
 """
 
 from __future__ import annotations
@@ -17,10 +20,21 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 from dafne_node.learning.windows import TrainingWindow
 
@@ -203,8 +217,54 @@ class TrainingSection(_Section):
     seed: int = 0
 
 
-class NodeConfig(_Section):
+@dataclass(frozen=True)
+class _Sources:
+    """Where one :func:`load_config` call reads from (the environment may be a test's)."""
+
+    path: Path | None
+    environ: Mapping[str, str]
+
+
+_SOURCES: ContextVar[_Sources | None] = ContextVar("dafne_config_sources", default=None)
+
+
+class _Environment(EnvSettingsSource):
+    """``DAFNE_<SECTION>__<KEY>`` variables, from the mapping this load was given."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty,
+                              self.env_parse_none_str)
+
+
+class _ShortNames(PydanticBaseSettingsSource):
+    """The short variables of :data:`SHORT_ENV_NAMES` (``DAFNE_DB_URL`` …)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # values come whole from __call__
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, (section, key) in SHORT_ENV_NAMES.items():
+            if name in self._environ:
+                values.setdefault(section, {})[key] = self._environ[name]
+        return values
+
+
+class NodeConfig(BaseSettings):
     """Everything a node needs, with defaults that run out of the box."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+        case_sensitive=False,
+    )
 
     node: NodeSection = NodeSection()
     dicom: DicomSection = DicomSection()
@@ -228,6 +288,26 @@ class NodeConfig(_Section):
     def spool_dir(self) -> Path:
         """Where received instances are stored."""
         return self.node.data_dir / "spool"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags, then ``DAFNE_*`` variables, then the TOML file, then the defaults."""
+        sources = _SOURCES.get() or _Sources(None, os.environ)
+        chain: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            _Environment(settings_cls, sources.environ),
+            _ShortNames(settings_cls, sources.environ),
+        ]
+        if sources.path is not None:
+            chain.append(TomlConfigSettingsSource(settings_cls, toml_file=sources.path))
+        return tuple(chain)
 
     def destination(self, name: str) -> Destination:
         """The destination called ``name``.
@@ -259,29 +339,30 @@ def load_config(
     ConfigError
         Naming the file and every invalid key with the reason.
     """
-    raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"{path}: no such configuration file") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    for keys, value in _environment_overrides(os.environ if environ is None else environ):
-        _set(raw, keys, value)
+    flags: dict[str, Any] = {}
     for keys, value in (overrides or {}).items():
         if value is not None:
-            _set(raw, keys, value)
+            _set(flags, keys, value)
+    token = _SOURCES.set(_Sources(path, os.environ if environ is None else environ))
     try:
-        config = NodeConfig.model_validate(raw)
+        config = NodeConfig(**flags)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
             for error in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from exc
+    finally:
+        _SOURCES.reset(token)
     _check_references(config, source)
     return config
 
@@ -297,21 +378,9 @@ def _check_references(config: NodeConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key}: no destination named {name!r}")
 
 
-def _environment_overrides(environ: Mapping[str, str]) -> list[tuple[tuple[str, ...], Any]]:
-    found: list[tuple[tuple[str, ...], Any]] = []
-    for name, value in environ.items():
-        if name in SHORT_ENV_NAMES:
-            found.append((SHORT_ENV_NAMES[name], value))
-        elif name.startswith(ENV_PREFIX) and "__" in name:
-            keys = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
-            found.append((keys, value))
-    return found
-
-
 def _set(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    """Put a flag's value at its path in the nested init arguments."""
     target = raw
     for key in keys[:-1]:
         target = target.setdefault(key, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"{'.'.join(keys)}: {key} is not a section")
     target[keys[-1]] = value
