@@ -347,19 +347,19 @@ class _ChildProcess:
 class Trainer:
     """The trainer process (``dafne-node trainer``): trains in IT's windows, one run at a time.
 
-    Every ``tick_s`` it queues a training run when one is due
+    Every ``training.check_every_s`` it queues a training run when one is due
     (:func:`dafne_node.learning.training.schedule_training`) and, while a window is open,
     runs queued train jobs through the same job runner as every other kind. SIGTERM stops
     a run at its next step with a checkpoint; the run continues in the next trainer.
     """
 
-    def __init__(self, config: NodeConfig, *, tick_s: float = 30.0,
-                 clock: Callable[[], datetime] = utcnow, exit_with_parent: bool = False) -> None:
+    def __init__(self, config: NodeConfig, *, clock: Callable[[], datetime] = utcnow,
+                 exit_with_parent: bool = False) -> None:
         self.config = config
         self._parent = os.getppid() if exit_with_parent else None
         self.worker_id = worker_identity(config.node.name)
         self.engine, self.sessions = open_database(config)
-        self._tick_s = tick_s
+        self._tick_s = config.training.check_every_s
         self._clock = clock
         self.stop_event = threading.Event()
         self._runner = JobRunner(self.sessions, {JobKind.TRAIN: TrainHandler(

@@ -12,9 +12,9 @@ those writers disagree on almost everything but the pixels:
   the SOP Class, the Purpose of Reference or the Spatial Locations Preserved flag (OHIF),
   or cover only the images with segment data (dcmqi). Where a frame has no usable
   reference, its plane position places it on a source slice.
-* BINARY (bit-packed), FRACTIONAL (thresholded at half the maximum) and LABELMAP
-  segmentations, native or RLE Lossless (dcmjs), geometry in the shared or only in the
-  per-frame functional groups.
+* BINARY (bit-packed), FRACTIONAL (thresholded at half the maximum; dcmjs stores 1 under
+  a maximum of 255, which is a mask) and LABELMAP segmentations, native or RLE Lossless
+  (dcmjs), geometry in the shared or only in the per-frame functional groups.
 
 The decoder reads the data set with pydicom alone (highdicom insists on the attributes
 these writers leave out), checks the declared size before decoding anything, and raises
@@ -318,6 +318,10 @@ def _frame_masks(seg: Dataset) -> np.ndarray:
                                 f"{count} frames of {rows}x{cols}")
     if str(seg.SegmentationType) == "FRACTIONAL":
         maximum = int(seg.get("MaximumFractionalValue", 255) or 255)
+        if int(pixels.max(initial=0)) <= 1:
+            # dcmjs' legacy adapter (OHIF v2) declares a maximum of 255 but stores 1 for
+            # every pixel of the segment: a mask, not a probability of 1/255.
+            return (pixels > 0).astype(np.uint8)
         return (pixels.astype(np.int32) * 2 > maximum).astype(np.uint8)
     return pixels
 

@@ -3,82 +3,24 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from pydicom import Dataset, dcmread
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dafne_node.api import create_app
 from dafne_node.cli import main
 from dafne_node.dicomio import save_dataset_atomically
-from dafne_node.inference.segment import SegmentHandler
-from dafne_node.jobs.runner import JobRunner
-from dafne_node.learning.corrections import CorrectionHandler
 from dafne_node.learning.examples import ExampleStore
-from dafne_node.seg import SegmentationAlgorithm, SourceFrame, decode_segmentation
-from dafne_node.seg.encode import encode_segmentation
 from dafne_node.segmentation import SeriesSegmenter
-from db.base import utcnow
-from db.node_models import Correction, CorrectionState, Job, JobKind, JobState
+from db.node_models import CorrectionState, Job, JobKind, JobState
 from tests.conftest import WrittenStudy, write_phantom
-from tests.node.conftest import Node, spool_series
-
-RADIOLOGIST = SegmentationAlgorithm(name="Radiologist", version="1", kind="MANUAL")
-
-
-def run_all(node: Node, segmenter: SeriesSegmenter) -> None:
-    config, sessions = node
-    runner = JobRunner(sessions, {
-        JobKind.SEGMENT: SegmentHandler(sessions, config, segmenter),
-        JobKind.CORRECTION: CorrectionHandler(sessions, config, segmenter.labels),
-    }, "w1")
-    for _ in range(20):
-        if runner.run_once() is None:
-            return
-    raise AssertionError("jobs kept coming")
-
-
-def headers(study: WrittenStudy) -> list[Dataset]:
-    return [dcmread(path, stop_before_pixels=True) for path in study.files.images]
-
-
-def write_seg(folder: Path, study: WrittenStudy, label_map: np.ndarray, segmenter:
-              SeriesSegmenter, *, name: str = "correction") -> Path:
-    seg = encode_segmentation(label_map, headers(study), segmenter.labels, RADIOLOGIST,
-                              series_instance_uid=generate_uid(),
-                              sop_instance_uid=generate_uid(), series_number=300)
-    path = folder / f"{name}.dcm"
-    save_dataset_atomically(seg, path)
-    return path
-
-
-def receive(node: Node, *paths: Path) -> None:
-    spool_series(node, list(paths), received_at=utcnow() - timedelta(minutes=1))
-
-
-def corrections(node: Node) -> list[Correction]:
-    with node[1]() as session:
-        return list(session.scalars(select(Correction).order_by(Correction.id)))
-
-
-def node_label_map(node: Node, study: WrittenStudy, segmenter: SeriesSegmenter) -> np.ndarray:
-    with node[1]() as session:
-        job = session.scalars(select(Job).where(Job.kind == JobKind.SEGMENT)).one()
-    frames = [SourceFrame(uid) for uid in study.study.sop_instance_uids]
-    return decode_segmentation(dcmread(job.result["seg_path"]), segmenter.labels,
-                               frames).label_map
-
-
-@pytest.fixture
-def segmented(node: Node, segmenter: SeriesSegmenter) -> Node:
-    """The node holds the small phantom series and has made its SEG."""
-    run_all(node, segmenter)
-    return node
+from tests.learning.conftest import corrections, node_label_map, receive, run_all, write_seg
+from tests.node.conftest import Node
 
 
 def test_a_corrected_seg_becomes_a_queued_example_without_identifiers(

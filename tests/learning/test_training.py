@@ -21,7 +21,7 @@ from dafne_node.segmentation import SeriesSegmenter
 from dafne_node.services import Trainer
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState, Model
 from tests.conftest import WrittenStudy, write_phantom
-from tests.learning.test_corrections import receive, run_all, write_seg
+from tests.learning.conftest import receive, run_all, write_seg
 from tests.node.conftest import Node
 
 WINDOW = '[[training.windows]]\nname = "night"\ncron = "0 1 * * *"\ntimezone = "UTC"\n' \
