@@ -215,6 +215,8 @@ class TrainingSection(_Section):
     replay_fraction: float = Field(default=0.3, ge=0, lt=1)
     """Share of a run's examples replayed from earlier corrections (against forgetting)."""
     seed: int = 0
+    check_every_s: float = Field(default=30.0, ge=0.1, le=3600)
+    """How often the trainer looks for an open window and waiting examples."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,23 @@ class _ShortNames(PydanticBaseSettingsSource):
         return values
 
 
+class RetentionSection(_Section):
+    """How long received images and training examples are kept.
+
+    A series is never removed while it is being received or processed, nor while a
+    correction of it waits for training, nor for ``keep_after_training_days`` after a run
+    learned from it.
+    """
+
+    spool_max_age_days: float = Field(default=30.0, gt=0)
+    """Received series older than this are removed from the spool."""
+    spool_max_gb: float | None = Field(default=None, gt=0)
+    """Beyond this size the oldest removable series go first; no limit when unset."""
+    keep_after_training_days: float = Field(default=30.0, ge=0)
+    """A trained example (and its series) stays this long, for replay in later runs."""
+    check_every_h: float = Field(default=1.0, gt=0, le=168)
+
+
 class NodeConfig(BaseSettings):
     """Everything a node needs, with defaults that run out of the box."""
 
@@ -278,6 +297,7 @@ class NodeConfig(BaseSettings):
     model: ModelSection = ModelSection()
     corrections: CorrectionsSection = CorrectionsSection()
     training: TrainingSection = TrainingSection()
+    retention: RetentionSection = RetentionSection()
 
     @property
     def database_url(self) -> str:

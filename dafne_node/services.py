@@ -38,6 +38,7 @@ from dafne_node.learning.corrections import CorrectionHandler
 from dafne_node.learning.training import TrainHandler, schedule_training
 from dafne_node.learning.windows import open_window
 from dafne_node.outbox import OutboxSender, requeue_interrupted_sends
+from dafne_node.retention import apply_retention
 from db.base import utcnow
 from db.jobs import requeue_stale_jobs
 from db.migrate import upgrade
@@ -124,6 +125,7 @@ class Node:
         self.storage: StorageServer | None = None
         self._http_server: object | None = None
         self._trainer = _ChildProcess("trainer", trainer_command) if trainer_command else None
+        self._next_retention = 0.0
         self.models = ActiveModel(self.sessions, config)
 
     @property
@@ -237,6 +239,9 @@ class Node:
                            resent)
         if self._trainer is not None and not self._stop.is_set():
             self._trainer.restart_if_dead()
+        if time.monotonic() >= self._next_retention:
+            self._next_retention = time.monotonic() + self.config.retention.check_every_h * 3600
+            apply_retention(self.sessions, self.config)
         return False
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -475,7 +475,10 @@ def _training_status(session: Session, windows: Sequence[TrainingWindow], now: d
 
 def _disk_use(session: Session, data_dir: Path) -> dict[str, int]:
     """Bytes in the spool (from the index: no walk over millions of files) and the rest."""
-    spool = session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0
+    spool = session.scalar(
+        select(func.coalesce(func.sum(Instance.size_bytes), 0))
+        .join(Series, Series.id == Instance.series_id)
+        .where(Series.files_removed_at.is_(None))) or 0
     use = {"spool": int(spool)}
     for folder in ("examples", "models", "results"):
         path = data_dir / folder

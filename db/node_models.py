@@ -197,6 +197,8 @@ class Series(_Timestamps, NodeBase):
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column()
+    files_removed_at: Mapped[datetime | None] = mapped_column()
+    """When retention removed the series' spool files (the rows stay, for the record)."""
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")

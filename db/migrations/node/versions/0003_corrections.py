@@ -4,6 +4,7 @@
 ``models.local_round``: a model fine-tuned on this node's corrections is round 1, 2, … on
 top of its root generation (0 for the root itself), so ``(name, generation, local_round)``
 is what identifies a model.
+``series.files_removed_at``: when retention removed a series' spool files.
 
 Revision ID: 0003_corrections
 Revises: 0002_instance_crc32
@@ -74,6 +75,9 @@ def upgrade() -> None:
                     ["source_series_id"])
 
 
+    with op.batch_alter_table("series") as batch:
+        batch.add_column(sa.Column("files_removed_at", sa.DateTime(timezone=True),
+                                   nullable=True))
     with op.batch_alter_table("models") as batch:
         batch.add_column(sa.Column("local_round", sa.Integer(), nullable=False,
                                    server_default="0"))
@@ -89,4 +93,6 @@ def downgrade() -> None:
         batch.drop_constraint("uq_models_name_generation_local_round", type_="unique")
         batch.create_unique_constraint("uq_models_name_generation", ["name", "generation"])
         batch.drop_column("local_round")
+    with op.batch_alter_table("series") as batch:
+        batch.drop_column("files_removed_at")
     op.drop_table("corrections")
