@@ -215,6 +215,8 @@ class TrainingSection(_Section):
     replay_fraction: float = Field(default=0.3, ge=0, lt=1)
     """Share of a run's examples replayed from earlier corrections (against forgetting)."""
     seed: int = 0
+    checkpoint_every_steps: int = Field(default=25, ge=1)
+    """A killed trainer loses at most this many steps of its run."""
     check_every_s: float = Field(default=30.0, ge=0.1, le=3600)
     """How often the trainer looks for an open window and waiting examples."""
 

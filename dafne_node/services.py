@@ -391,6 +391,13 @@ class Trainer:
         if self._parent is not None:
             threading.Thread(target=self._exit_with_parent, name="parent-watch",
                              daemon=True).start()
+        dead = _dead_local_claims(self.sessions, self.config)
+        with self.sessions() as session, session.begin():
+            taken = requeue_stale_jobs(session, stale_after=STALE_AFTER, dead_workers=dead,
+                                       kinds=[JobKind.TRAIN])
+        if taken:
+            LOGGER.warning("resuming the training of a trainer that died: %d run(s) requeued",
+                           taken)
         LOGGER.info("trainer %s started", self.worker_id)
         while not self.stop_event.is_set():
             try:

@@ -186,6 +186,7 @@ def requeue_stale_jobs(
     stale_after: timedelta,
     dead_workers: Collection[str] = (),
     now: datetime | None = None,
+    kinds: Collection[JobKind] = (),
 ) -> int:
     """Put ``running`` jobs whose worker stopped heart-beating back in the queue.
 
@@ -193,6 +194,8 @@ def requeue_stale_jobs(
     dead workers become ``queued`` again. ``dead_workers`` names workers known to be gone
     (a restarting node knows its own dead processes), whose jobs are requeued at once
     rather than after ``stale_after``. Jobs in ``sending`` are left to the outbox.
+
+    ``kinds`` limits the take-over to those job kinds (a trainer takes back only its own).
 
     Returns
     -------
@@ -203,9 +206,12 @@ def requeue_stale_jobs(
     stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < now - stale_after)
     if dead_workers:
         stale = or_(stale, Job.claimed_by.in_(list(dead_workers)))
+    conditions = [Job.state == TAKE_OVER[0].value, stale]
+    if kinds:
+        conditions.append(Job.kind.in_([JobKind(kind).value for kind in kinds]))
     result = session.execute(
         update(Job)
-        .where(Job.state == TAKE_OVER[0].value, stale)
+        .where(*conditions)
         .values(state=TAKE_OVER[1].value, claimed_by=None, claimed_at=None, updated_at=now)
         .execution_options(synchronize_session=False)
     )

@@ -93,7 +93,8 @@ class FinetuneSettings(BaseModel):
         AdamW weight decay.
     replay_fraction:
         Share of the training examples taken from the replay pool (0 disables replay):
-        with 10 new examples and 0.3, up to 4 replayed ones (ceil(10 * 0.3 / 0.7)).
+        with 0.5, as many replayed examples as new ones; with 0.3 and 10 new ones, 5
+        (``ceil(10 * 0.3 / 0.7)``).
     max_replay:
         Cap on the replayed examples, which bounds the run's memory.
     holdout_fraction:
@@ -120,8 +121,8 @@ class FinetuneSettings(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=8, ge=1)
     weight_decay: float = Field(default=1e-4, ge=0)
-    replay_fraction: float = Field(default=0.3, ge=0, lt=1)
-    max_replay: int = Field(default=8, ge=0)
+    replay_fraction: float = Field(default=0.5, ge=0, lt=1)
+    max_replay: int = Field(default=10, ge=0)
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
     holdout_min_examples: int = Field(default=5, ge=1)
     max_dice_drop: float = Field(default=0.02, ge=0)

@@ -20,7 +20,7 @@ from dafne_node.seg.encode import encode_segmentation
 from dafne_node.segmentation import SeriesSegmenter
 from db.base import utcnow
 from db.node_models import Correction, Job, JobKind
-from tests.conftest import WrittenStudy
+from tests.conftest import WrittenStudy, write_phantom
 from tests.node.conftest import Node, node, segmenter, spool_series
 
 __all__ = ["node", "segmenter"]
@@ -78,3 +78,16 @@ def segmented(node: Node, segmenter: SeriesSegmenter) -> Node:
     return node
 
 
+@pytest.fixture
+def corrected(node: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy,
+              tmp_path: Path) -> Node:
+    """The node segmented two series and received a correction of each (ids 1 and 2)."""
+    second = write_phantom(tmp_path / "second", seed=5, slices=12, matrix=128)
+    receive(node, *second.files.images)
+    run_all(node, segmenter)
+    for index, study in enumerate((small_study, second)):
+        label_map = study.study.labels.copy()
+        label_map[index + 2] = 0  # a slice the radiologist cleared
+        receive(node, write_seg(tmp_path, study, label_map, segmenter, name=f"fix{index}"))
+        run_all(node, segmenter)
+    return node

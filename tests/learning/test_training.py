@@ -12,16 +12,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-import pytest
 from sqlalchemy import select
 
 from dafne_node.config import NodeConfig, load_config
 from dafne_node.learning.training import schedule_training
-from dafne_node.segmentation import SeriesSegmenter
 from dafne_node.services import Trainer
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState, Model
-from tests.conftest import WrittenStudy, write_phantom
-from tests.learning.conftest import receive, run_all, write_seg
 from tests.node.conftest import Node
 
 WINDOW = '[[training.windows]]\nname = "night"\ncron = "0 1 * * *"\ntimezone = "UTC"\n' \
@@ -56,21 +52,6 @@ def trainer(node: Node, config: NodeConfig, clock: Callable[[], datetime]) -> Tr
     made = Trainer(config, clock=clock)
     made.sessions = node[1]
     return made
-
-
-@pytest.fixture
-def corrected(node: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy,
-              tmp_path: Path) -> Node:
-    """The node segmented two series and received a correction of each (ids 1 and 2)."""
-    second = write_phantom(tmp_path / "second", seed=5, slices=12, matrix=128)
-    receive(node, *second.files.images)
-    run_all(node, segmenter)
-    for index, study in enumerate((small_study, second)):
-        label_map = study.study.labels.copy()
-        label_map[index + 2] = 0  # a slice the radiologist cleared
-        receive(node, write_seg(tmp_path, study, label_map, segmenter, name=f"fix{index}"))
-        run_all(node, segmenter)
-    return node
 
 
 def train_jobs(node: Node) -> list[Job]:
