@@ -22,11 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dafne_node.dicomio import save_dataset_atomically
+from dafne_node.dicom.files import save_dataset_atomically
+from dafne_node.dicom.series import find_files, read_series
+from dafne_node.inference.segmenter import SeriesSegmenter
 from dafne_node.phantom import make_study
 from dafne_node.phantom.study import write_study
-from dafne_node.segmentation import SeriesSegmenter
-from dafne_node.volume import find_files, read_series
 
 
 def main() -> None:

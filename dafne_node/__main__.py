@@ -5,6 +5,6 @@
 
 import sys
 
-from dafne_node.cli import main
+from dafne_node.app.cli import main
 
 sys.exit(main())

@@ -11,9 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_no_runtime_module_imports_the_phantom_generator() -> None:
     """The phantom is development and test tooling; a node in a hospital never loads it."""
-    runtime = ["dafne_node.services", "dafne_node.inference.segment", "dafne_node.jobs.runner",
-               "dafne_node.outbox", "dafne_node.assembler", "dafne_node.api",
-               "dafne_node.segmentation", "dafne_node.learning.corrections", "dicom_scp", "db"]
+    runtime = ["dafne_node.app.node", "dafne_node.app.cli", "dafne_node.inference.segment",
+               "dafne_node.jobs.runner", "dafne_node.inference.deliver",
+               "dafne_node.inference.assemble", "dafne_node.api", "dafne_node.inference.segmenter",
+               "dafne_node.learning.corrections", "dafne_node.learning.training",
+               "dafne_node.retention", "dicom_scp", "db"]
     probe = (f"import sys; import {', '.join(runtime)}; "
              "print([m for m in sys.modules if m.startswith('dafne_node.phantom')])")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydicom.uid import MRImageStorage, SegmentationStorage
 
 from dafne_node.config import Route
-from dafne_node.router import Correction, Segment, SeriesFacts, Skip, route_series
+from dafne_node.inference.route import Correction, Segment, SeriesFacts, Skip, route_series
 
 T1_LEG = SeriesFacts(calling_ae="ORTHANC", modality="MR", sop_class_uid=MRImageStorage,
                      body_part="LEG", series_description="T1 TSE axial calf",

@@ -17,9 +17,9 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import NodeConfig
+from dafne_node.inference.segmenter import SeriesSegmenter
 from dafne_node.ml.manifest import ModelError, default_model_dir
 from dafne_node.model_registry import active_model, register_active_model
-from dafne_node.segmentation import SeriesSegmenter
 
 __all__ = ["ActiveModel"]
 

@@ -16,11 +16,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import ConfigError, NodeConfig
-from dafne_node.dicomio import save_dataset_atomically
+from dafne_node.dicom.files import save_dataset_atomically
+from dafne_node.dicom.series import InputError, read_series
+from dafne_node.inference.segmenter import ModelSource, SegmentationResult
 from dafne_node.jobs import lifecycle
 from dafne_node.jobs.runner import ClaimedJob
-from dafne_node.segmentation import ModelSource, SegmentationResult
-from dafne_node.volume import InputError, read_series
 from db.base import dialect_insert, utcnow
 from db.node_models import (
     JOB_TRANSITIONS,

@@ -35,19 +35,19 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import NodeConfig
+from dafne_node.dicom.seg_decode import (
+    DecodedSegmentation,
+    SegmentationError,
+    SourceFrame,
+    decode_segmentation,
+)
+from dafne_node.dicom.series import ImageVolume, InputError, load_volume, read_series
 from dafne_node.jobs import lifecycle
 from dafne_node.jobs.runner import ClaimedJob
 from dafne_node.labels import Label
 from dafne_node.learning.examples import ExampleStore
 from dafne_node.ml.metrics import dice_per_label
 from dafne_node.ml.train import TrainingExample
-from dafne_node.seg.decode import (
-    DecodedSegmentation,
-    SegmentationError,
-    SourceFrame,
-    decode_segmentation,
-)
-from dafne_node.volume import ImageVolume, InputError, load_volume, read_series
 from db import corrections as repository
 from db.node_models import CorrectionState, Instance, Job, JobKind, JobState, Series
 

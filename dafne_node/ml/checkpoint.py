@@ -13,10 +13,10 @@ Format and why:
 * One safetensors file, ``checkpoint.safetensors``: the tensors as safetensors tensors and
   everything else as JSON in the file's header metadata. No pickle and no ``torch.save``:
   loading a checkpoint must not be able to run code, exactly like loading a model.
-* One file, written to a temporary name in the same directory, fsynced, renamed over the
-  old one, and the directory fsynced. A rename within a directory is atomic, so a process
-  killed at any moment (SIGKILL, power loss after the fsyncs) leaves either the previous
-  checkpoint or the new one, never a mixture; a stale temporary file left by a kill is
+* One file, written in a staging directory beside it, fsynced, renamed over the old one,
+  and the directory fsynced. A rename within a file system is atomic, so a process killed
+  at any moment (SIGKILL, power loss after the fsyncs) leaves either the previous
+  checkpoint or the new one, never a mixture; a staging directory left by a kill is
   ignored on load and removed by the next save.
 """
 
@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,6 @@ __all__ = [
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 _FORMAT = "dafne-training-checkpoint/1"
-_TMP_GLOB = f".{CHECKPOINT_FILE}.*.tmp"
 
 
 class CheckpointError(ValueError):
@@ -107,14 +108,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.staging-"
+
+
 def save_safetensors_atomically(path: str | os.PathLike[str],
                                 tensors: dict[str, torch.Tensor],
                                 metadata: dict[str, str]) -> Path:
     """Write a safetensors file so that ``path`` is always either the old file or the new one.
 
-    The file is written to a temporary name beside ``path``, fsynced, renamed onto it and
-    the directory fsynced. A temporary file left behind by a killed writer is removed by
-    the next write to the same path.
+    The file is written in a private staging directory beside ``path`` (safetensors itself
+    writes through temporary files, which a kill would otherwise strand next to ``path``),
+    fsynced, renamed onto ``path``, and the directory fsynced. Staging directories left
+    behind by a killed writer are removed by the next write to the same path (one writer
+    per path at a time).
 
     Parameters
     ----------
@@ -132,18 +139,18 @@ def save_safetensors_atomically(path: str | os.PathLike[str],
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    for stale in target.parent.glob(f"{_staging_prefix(target)}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
     try:
+        tmp = staging / target.name
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
                   str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     _fsync_dir(target.parent)
     return target
 
@@ -226,9 +233,10 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> TrainingState | None:
 
 
 def remove_checkpoint(directory: str | os.PathLike[str]) -> None:
-    """Delete the checkpoint of ``directory`` and any temporary file, once a run is finished."""
-    root = Path(directory)
-    for path in [root / CHECKPOINT_FILE, *root.glob(_TMP_GLOB)]:
-        path.unlink(missing_ok=True)
-    if root.is_dir():
-        _fsync_dir(root)
+    """Delete the checkpoint of ``directory`` and any staging leftovers, once a run is done."""
+    target = Path(directory) / CHECKPOINT_FILE
+    target.unlink(missing_ok=True)
+    if target.parent.is_dir():
+        for stale in target.parent.glob(f"{_staging_prefix(target)}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _fsync_dir(target.parent)

@@ -13,11 +13,11 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dafne_node.dicomio import save_dataset_atomically
+from dafne_node.dicom.files import save_dataset_atomically
+from dafne_node.dicom.seg_encode import SegmentationAlgorithm, encode_segmentation
 from dafne_node.labels import LEG_MUSCLES
 from dafne_node.phantom.dicom import write_images
 from dafne_node.phantom.render import PhantomStudy
-from dafne_node.seg.encode import SegmentationAlgorithm, encode_segmentation
 
 TRUTH_ALGORITHM = SegmentationAlgorithm(name="Dafne phantom", version="truth", kind="MANUAL")
 """Recorded in the truth SEG: drawn by the phantom generator, not by a model."""

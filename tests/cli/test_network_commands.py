@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dafne_node.cli import main
+from dafne_node.app.cli import main
 from dicom_scp.receiver import StorageServer
 from dicom_scp.spool import Spool
 from tests.conftest import WrittenStudy

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dafne_node.cli import main
+from dafne_node.app.cli import main
 from db.migrate import current_revision, head_revision, upgrade
 from db.session import make_engine
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from dafne_node.cli import main
+from dafne_node.app.cli import main
+from dafne_node.dicom.seg_decode import SourceFrame, decode_segmentation
+from dafne_node.dicom.series import load_volume, read_series
 from dafne_node.labels import LEG_MUSCLES
 from dafne_node.ml.metrics import dice_per_label, mean_dice
-from dafne_node.seg import SourceFrame, decode_segmentation
-from dafne_node.volume import load_volume, read_series
 from tests.conftest import WrittenStudy
 
 

@@ -11,13 +11,13 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dafne_node.dicomio import save_dataset_atomically
+from dafne_node.dicom.files import save_dataset_atomically
+from dafne_node.dicom.seg_decode import SourceFrame, decode_segmentation
+from dafne_node.dicom.seg_encode import SegmentationAlgorithm, encode_segmentation
 from dafne_node.inference.segment import SegmentHandler
+from dafne_node.inference.segmenter import SeriesSegmenter
 from dafne_node.jobs.runner import JobRunner
 from dafne_node.learning.corrections import CorrectionHandler
-from dafne_node.seg import SegmentationAlgorithm, SourceFrame, decode_segmentation
-from dafne_node.seg.encode import encode_segmentation
-from dafne_node.segmentation import SeriesSegmenter
 from db.base import utcnow
 from db.node_models import Correction, Job, JobKind
 from tests.conftest import WrittenStudy, write_phantom

@@ -17,8 +17,8 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from dafne_node.inference.segmenter import SeriesSegmenter
 from dafne_node.learning.examples import ExampleStore
-from dafne_node.segmentation import SeriesSegmenter
 from db.node_models import CorrectionState, Job, JobKind
 from tests.conftest import WrittenStudy
 from tests.harness.writers import (

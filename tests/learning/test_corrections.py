@@ -13,10 +13,10 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dafne_node.api import create_app
-from dafne_node.cli import main
-from dafne_node.dicomio import save_dataset_atomically
+from dafne_node.app.cli import main
+from dafne_node.dicom.files import save_dataset_atomically
+from dafne_node.inference.segmenter import SeriesSegmenter
 from dafne_node.learning.examples import ExampleStore
-from dafne_node.segmentation import SeriesSegmenter
 from db.node_models import CorrectionState, Job, JobKind, JobState
 from tests.conftest import WrittenStudy, write_phantom
 from tests.learning.conftest import corrections, node_label_map, receive, run_all, write_seg

@@ -115,7 +115,7 @@ def test_accepted_run_writes_local_model_and_delta(base_dir: Path, tmp_path: Pat
     assert outcome.status == "accepted" and outcome.accepted
     assert outcome.reason.startswith("gate passed: held-out Dice ")
     assert outcome.base_version == "g1" and outcome.version_label == "g1-local1"
-    assert (outcome.num_new, outcome.num_replay, outcome.num_heldout) == (3, 2, 2)
+    assert (outcome.num_new, outcome.num_replay, outcome.num_heldout) == (3, 3, 2)
     assert set(outcome.tuned_heldout.per_label) == set(outcome.base_heldout.per_label)
     assert outcome.report.steps == 6 and not outcome.report.interrupted
     json.dumps(outcome.to_json(), allow_nan=False)
@@ -126,7 +126,7 @@ def test_accepted_run_writes_local_model_and_delta(base_dir: Path, tmp_path: Pat
     base = load_model_dir(base_dir)
     delta = load_delta(outcome.delta_path)
     meta = delta.metadata
-    assert (meta.base_generation, meta.local_round, meta.num_samples) == (1, 1, 5)
+    assert (meta.base_generation, meta.local_round, meta.num_samples) == (1, 1, 6)
     assert meta.base_sha256 == base.manifest.weights.sha256
     assert meta.metrics["heldout_dice_after"] == pytest.approx(outcome.tuned_heldout.mean_dice)
     rebuilt = apply_delta(base.model.state_dict(), delta.tensors)

@@ -8,8 +8,8 @@ from pathlib import Path
 from sqlalchemy import select, update
 
 from dafne_node.config import NodeConfig, load_config
+from dafne_node.inference.segmenter import SeriesSegmenter
 from dafne_node.retention import apply_retention
-from dafne_node.segmentation import SeriesSegmenter
 from db.base import utcnow
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState, Series
 from tests.conftest import WrittenStudy

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from dafne_node.ml.checkpoint import CHECKPOINT_FILE
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState
 from tests.node.conftest import Node
 
@@ -72,7 +73,7 @@ def test_sigkill_mid_training_loses_nothing_and_the_next_trainer_resumes(
 
     first = start_trainer(toml, data_dir, log)
     try:
-        wait(lambda: checkpoint.is_dir() and any(checkpoint.iterdir()), 240,
+        wait((checkpoint / CHECKPOINT_FILE).is_file, 240,
              "a checkpoint of the running training")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(30)

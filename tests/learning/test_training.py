@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
+from dafne_node.app.trainer import Trainer
 from dafne_node.config import NodeConfig, load_config
 from dafne_node.learning.training import schedule_training
-from dafne_node.services import Trainer
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState, Model
 from tests.node.conftest import Node
 

@@ -11,11 +11,11 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
-from dafne_node.assembler import SeriesAssembler
 from dafne_node.config import NodeConfig, load_config
+from dafne_node.inference.assemble import SeriesAssembler
 from dafne_node.inference.segment import SegmentHandler
+from dafne_node.inference.segmenter import SeriesSegmenter
 from dafne_node.jobs.runner import JobRunner
-from dafne_node.segmentation import SeriesSegmenter
 from db.base import utcnow
 from db.migrate import upgrade
 from db.node_models import JobKind

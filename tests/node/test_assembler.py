@@ -10,8 +10,8 @@ from pydicom.uid import MRImageStorage, SegmentationStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dafne_node.assembler import SeriesAssembler
 from dafne_node.config import load_config
+from dafne_node.inference.assemble import SeriesAssembler
 from db.base import utcnow
 from db.migrate import upgrade
 from db.node_models import Job, JobKind, JobState, Series, SeriesState

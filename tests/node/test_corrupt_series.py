@@ -33,10 +33,10 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
-from dafne_node import volume
-from dafne_node.codestream import FrameShape, frame_problem
-from dafne_node.segmentation import SeriesSegmenter
-from dafne_node.volume import InputError, load_volume, read_series
+from dafne_node.dicom import series as volume
+from dafne_node.dicom.codestream import FrameShape, frame_problem
+from dafne_node.dicom.series import InputError, load_volume, read_series
+from dafne_node.inference.segmenter import SeriesSegmenter
 from db.base import utcnow
 from db.node_models import Job, JobState, Series
 from tests.conftest import WrittenStudy

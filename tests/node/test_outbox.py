@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dafne_node.cli import main
+from dafne_node.app.cli import main
 from dafne_node.config import NodeConfig, load_config
-from dafne_node.outbox import OutboxSender, backoff
+from dafne_node.inference.deliver import OutboxSender, backoff
 from db.base import utcnow
 from db.migrate import upgrade
 from db.node_models import Job, JobKind, JobState, OutboxItem, OutboxState

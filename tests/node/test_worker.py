@@ -7,8 +7,8 @@ from datetime import timedelta
 from pydicom import dcmread
 from sqlalchemy import select, update
 
-from dafne_node.assembler import SeriesAssembler
-from dafne_node.segmentation import SeriesSegmenter
+from dafne_node.inference.assemble import SeriesAssembler
+from dafne_node.inference.segmenter import SeriesSegmenter
 from db.base import utcnow
 from db.node_models import Job, JobState, OutboxItem, Series, SeriesState
 from tests.conftest import WrittenStudy

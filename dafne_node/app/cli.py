@@ -68,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     from dafne_node.config import ConfigError
+    from dafne_node.dicom.seg_decode import SegmentationError
+    from dafne_node.dicom.series import InputError
     from dafne_node.ml.manifest import ModelError
-    from dafne_node.seg.decode import SegmentationError
-    from dafne_node.volume import InputError
 
     return isinstance(
         exc, UserError | ConfigError | InputError | ModelError | SegmentationError | OSError
@@ -418,9 +418,9 @@ def _add_model(commands: argparse._SubParsersAction) -> None:
 
 def run_segment(args: argparse.Namespace) -> int:
     """Segment the chosen series of ``args.inputs`` into ``args.out``."""
-    from dafne_node.dicomio import save_dataset_atomically
-    from dafne_node.segmentation import MODEL_MODALITY, SeriesSegmenter, structure_table
-    from dafne_node.volume import choose_series, find_files, read_series
+    from dafne_node.dicom.files import save_dataset_atomically
+    from dafne_node.dicom.series import choose_series, find_files, read_series
+    from dafne_node.inference.segmenter import MODEL_MODALITY, SeriesSegmenter, structure_table
 
     started = time.perf_counter()
     files = find_files(args.inputs)
@@ -516,7 +516,7 @@ def _destination(text: str, what: str) -> Destination:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run every part of the node until SIGTERM."""
-    from dafne_node.services import Node
+    from dafne_node.app.node import Node
 
     config = _serve_config(args)
     trainer = None
@@ -539,7 +539,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Run the processing parts only until SIGTERM."""
-    from dafne_node.services import Node
+    from dafne_node.app.node import Node
 
     Node(_load_node_config(args), dicom=False, http=False).run_until_signalled()
     return EXIT_OK
@@ -547,7 +547,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def run_trainer(args: argparse.Namespace) -> int:
     """Run the trainer process until SIGTERM."""
-    from dafne_node.services import Trainer
+    from dafne_node.app.trainer import Trainer
 
     Trainer(_load_node_config(args), exit_with_parent=args.exit_with_parent
             ).run_until_signalled()
@@ -602,7 +602,7 @@ def run_echo(args: argparse.Namespace) -> int:
 
 def run_send(args: argparse.Namespace) -> int:
     """C-STORE files to a peer and report each file."""
-    from dafne_node.volume import find_files
+    from dafne_node.dicom.series import find_files
     from dicom_scp.sender import AssociationError, send_files
 
     destination = _destination(args.to, "--to")
@@ -677,9 +677,9 @@ def run_compare(args: argparse.Namespace) -> int:
     """Print per-muscle Dice between two SEGs."""
     from pydicom import dcmread
 
+    from dafne_node.dicom.seg_decode import decode_segmentation
     from dafne_node.ml.manifest import ModelError, default_model_dir, load_manifest
     from dafne_node.ml.metrics import dice_per_label, mean_dice
-    from dafne_node.seg import decode_segmentation
 
     try:
         labels = load_manifest(args.model_dir or default_model_dir()).to_labels()

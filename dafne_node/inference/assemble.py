@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import NodeConfig
-from dafne_node.router import Correction, Segment, SeriesFacts, Skip, route_series
+from dafne_node.inference.route import Correction, Segment, SeriesFacts, Skip, route_series
 from db.base import utcnow
 from db.jobs import enqueue_job
 from db.node_models import Job, JobKind, Series, SeriesState

@@ -18,11 +18,11 @@ import highdicom as hd
 import numpy as np
 from pydicom.uid import generate_uid
 
+from dafne_node.dicom.seg_encode import SegmentationAlgorithm, encode_segmentation
+from dafne_node.dicom.series import ImageVolume, InputError, SeriesFiles, load_volume
 from dafne_node.labels import Label
 from dafne_node.ml.infer import Precision, Segmenter
 from dafne_node.ml.manifest import LoadedModel, ModelManifest, default_model_dir, load_model_dir
-from dafne_node.seg.encode import SegmentationAlgorithm, encode_segmentation
-from dafne_node.volume import ImageVolume, InputError, SeriesFiles, load_volume
 
 LOGGER = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import SegmentationStorage
 
+from dafne_node.dicom.pixels import MAX_IMAGE_VOXELS, MAX_MATRIX
 from dafne_node.labels import Label
-from dafne_node.pixels import MAX_IMAGE_VOXELS, MAX_MATRIX
 
 LOGGER = logging.getLogger(__name__)
 

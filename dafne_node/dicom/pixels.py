@@ -8,7 +8,7 @@ codestream: they allocate what is declared first and fail (or not) later, and
 some fail by panicking. So the header is checked against :data:`MAX_MATRIX` and
 :data:`MAX_IMAGE_VOXELS`, the bytes present against the header, and every
 compressed frame's own header against the DICOM header
-(:mod:`dafne_node.codestream`), all before anything is decoded. Every refusal is
+(:mod:`dafne_node.dicom.codestream`), all before anything is decoded. Every refusal is
 a :class:`PixelDataError` whose message says, on one line, what is wrong; the
 caller adds which file.
 """
@@ -30,7 +30,7 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from dafne_node.codestream import FrameShape, frame_problem
+from dafne_node.dicom.codestream import FrameShape, frame_problem
 
 LOGGER = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def check_bytes(ds: Dataset, layout: PixelLayout) -> None:
     PixelDataError
         If the file is truncated, the native pixel data has another length than
         the image needs, or the encapsulated frames are not the declared number
-        of frames of the declared size (see :func:`~dafne_node.codestream.frame_problem`).
+        of frames of the declared size (see :func:`~dafne_node.dicom.codestream.frame_problem`).
     """
     element = ds.get_item("PixelData", keep_deferred=True)
     if isinstance(element, RawDataElement):

@@ -6,7 +6,7 @@ files. This module sorts files into series, says in one line per file why a file
 cannot be used, and turns a usable series into a volume with its geometry. A
 series with any unusable image is refused as a whole: a SEG over part of a
 series would look complete to a radiologist and is worse than none. Every
-image's header is checked (:mod:`dafne_node.pixels`), and the series' size, before
+image's header is checked (:mod:`dafne_node.dicom.pixels`), and the series' size, before
 the first image is decoded.
 """
 
@@ -23,7 +23,7 @@ from pydicom import Dataset, FileMetaDataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, EnhancedMRImageStorage, MRImageStorage
 
-from dafne_node.pixels import (
+from dafne_node.dicom.pixels import (
     MAX_IMAGE_VOXELS,
     PixelDataError,
     PixelLayout,

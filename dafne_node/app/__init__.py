@@ -1,0 +1,1 @@
+"""How the node runs: its process roles (node, worker, trainer) and the ``dafne-node`` command."""
