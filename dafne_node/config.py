@@ -212,7 +212,7 @@ class TrainingSection(_Section):
     """The local gate: the largest loss of held-out Dice a run may cause."""
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
     """Share of the local examples held out for the gate (never trained on)."""
-    replay_fraction: float = Field(default=0.3, ge=0, lt=1)
+    replay_fraction: float = Field(default=0.5, ge=0, lt=1)
     """Share of a run's examples replayed from earlier corrections (against forgetting)."""
     seed: int = 0
     checkpoint_every_steps: int = Field(default=25, ge=1)

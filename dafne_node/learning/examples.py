@@ -12,13 +12,13 @@ read with ``allow_pickle=False``: an example is data, never code.
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dafne_node.durable import write_atomically
 from dafne_node.ml.train import TrainingExample
 
 __all__ = ["EXAMPLES_DIR", "ExampleStore", "StoredExample"]
@@ -66,23 +66,15 @@ class ExampleStore:
     def save(self, example: TrainingExample, *, label_values: list[int],
              changed_slices: list[int]) -> str:
         """Write ``example`` under a random name; its path relative to the data directory."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = f"{uuid.uuid4().hex}.npz"
-        final = self.folder / name
-        partial = self.folder / f".{name}.partial"
-        with open(partial, "wb") as handle:
-            np.savez_compressed(
-                handle,
-                pixels=np.asarray(example.pixels, dtype=np.float32),
-                labels=np.asarray(example.labels, dtype=np.uint8),
-                pixel_spacing=np.asarray(example.pixel_spacing, dtype=np.float64),
-                label_values=np.asarray(label_values, dtype=np.int32),
-                changed_slices=np.asarray(changed_slices, dtype=np.int32),
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, final)
-        _fsync_dir(self.folder)
+        write_atomically(self.folder / name, lambda stream: np.savez_compressed(
+            stream,
+            pixels=np.asarray(example.pixels, dtype=np.float32),
+            labels=np.asarray(example.labels, dtype=np.uint8),
+            pixel_spacing=np.asarray(example.pixel_spacing, dtype=np.float64),
+            label_values=np.asarray(label_values, dtype=np.int32),
+            changed_slices=np.asarray(changed_slices, dtype=np.int32),
+        ))
         return f"{EXAMPLES_DIR}/{name}"
 
     def load(self, relative: str) -> StoredExample:
@@ -117,10 +109,3 @@ class ExampleStore:
             raise ValueError(f"{relative!r} is not in the examples folder")
         return path
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

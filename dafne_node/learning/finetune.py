@@ -48,6 +48,7 @@ from dafne_node.learning.delta import DeltaMetadata, compute_delta, save_delta
 from dafne_node.ml.checkpoint import CheckpointError, remove_checkpoint
 from dafne_node.ml.infer import Precision, Segmenter
 from dafne_node.ml.manifest import LoadedModel, load_model_dir, save_model_dir
+from dafne_node.ml.metrics import json_safe
 from dafne_node.ml.train import (
     EvaluationResult,
     TrainingExample,
@@ -197,19 +198,8 @@ class FinetuneOutcome:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able summary (paths as strings, NaN as ``None``) for logs and the database."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _unit_hash(example_id: Hashable) -> float:
@@ -350,13 +340,17 @@ def _local_metrics(report: TrainingReport, before: EvaluationResult | None,
 
 def _write_outputs(base: LoadedModel, root: LoadedModel, tuned: nn.Module, out_dir: Path, *,
                    local_round: int, num_samples: int, report: TrainingReport,
-                   metrics: dict[str, Any], settings: FinetuneSettings) -> tuple[Path, Path]:
-    """Write the delta, then the model directory (so a model never lacks its delta)."""
+                   metrics: dict[str, Any], settings: FinetuneSettings
+                   ) -> tuple[Path, Path, str]:
+    """Write the delta, then the model directory (so a model never lacks its delta).
+
+    Returns the model directory, the delta file and the new model's version label.
+    """
     metadata = DeltaMetadata(
         model_name=root.manifest.name, architecture=root.manifest.architecture.id,
         base_generation=root.manifest.generation, base_sha256=root.manifest.weights.sha256,
         local_round=local_round, num_samples=num_samples, num_slices=report.slices,
-        metrics=_json_safe(metrics))
+        metrics=json_safe(metrics))
     delta_path = save_delta(out_dir / DELTA_FILE,
                             compute_delta(root.model.state_dict(), tuned.state_dict()), metadata)
     summary = {
@@ -366,10 +360,11 @@ def _write_outputs(base: LoadedModel, root: LoadedModel, tuned: nn.Module, out_d
         "report": {k: v for k, v in asdict(report).items() if k != "loss_history"},
     }
     model_dir = out_dir / MODEL_SUBDIR
-    save_model_dir(tuned, model_dir, name=base.manifest.name,
-                   generation=root.manifest.generation, preprocessing=base.preprocessing,
-                   labels=base.manifest.to_labels(), training=summary, local_round=local_round)
-    return model_dir, delta_path
+    manifest = save_model_dir(
+        tuned, model_dir, name=base.manifest.name, generation=root.manifest.generation,
+        preprocessing=base.preprocessing, labels=base.manifest.to_labels(), training=summary,
+        local_round=local_round)
+    return model_dir, delta_path, manifest.version_label
 
 
 def finetune(
@@ -467,11 +462,10 @@ def finetune(
     if not passed:
         remove_checkpoint(checkpoint_dir)
         return outcome("rejected", reason, base_heldout=before, tuned_heldout=after)
-    model_dir, delta_path = _write_outputs(
+    model_dir, delta_path, version = _write_outputs(
         base, root, tuned, Path(out_dir), local_round=round_,
         num_samples=len(new) + len(chosen), report=report,
         metrics=_local_metrics(report, before, after, len(heldout)), settings=settings)
     remove_checkpoint(checkpoint_dir)
-    return outcome("accepted", reason, version_label=f"g{root.manifest.generation}-local{round_}",
-                   base_heldout=before, tuned_heldout=after, model_dir=model_dir,
-                   delta_path=delta_path)
+    return outcome("accepted", reason, version_label=version, base_heldout=before,
+                   tuned_heldout=after, model_dir=model_dir, delta_path=delta_path)

@@ -35,6 +35,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dafne_node.durable import fsync_dir
+
 LOGGER = logging.getLogger(__name__)
 
 __all__ = [
@@ -94,19 +96,6 @@ class TrainingState:
     seconds: float = 0.0
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (best effort where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _staging_prefix(target: Path) -> str:
     return f".{target.name}.staging-"
@@ -151,7 +140,7 @@ def save_safetensors_atomically(path: str | os.PathLike[str],
         os.replace(tmp, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
 
 
@@ -239,4 +228,4 @@ def remove_checkpoint(directory: str | os.PathLike[str]) -> None:
     if target.parent.is_dir():
         for stale in target.parent.glob(f"{_staging_prefix(target)}*"):
             shutil.rmtree(stale, ignore_errors=True)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)

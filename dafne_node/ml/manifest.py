@@ -23,7 +23,6 @@ import hashlib
 import importlib.resources
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -40,8 +39,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dafne_node.durable import fsync_dir
 from dafne_node.labels import LEG_MUSCLES, Label
 from dafne_node.ml.architectures import build_model
+from dafne_node.ml.metrics import json_safe
 from dafne_node.ml.preprocess import PreprocessConfig
 
 LOGGER = logging.getLogger(__name__)
@@ -361,28 +362,6 @@ def load_model_dir(model_dir: str | os.PathLike[str]) -> LoadedModel:
     return LoadedModel(path=root, manifest=manifest, model=model)
 
 
-def _json_safe(value: Any) -> Any:
-    """Replace NaN/Inf floats (e.g. Dice of an absent label) with None, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_model_dir(
@@ -463,7 +442,7 @@ def save_model_dir(
             weights=WeightsSpec(sha256=file_sha256(weights_path),
                                 dtype=str(weights_dtype).removeprefix("torch.")),
             created=created or datetime.now(UTC),
-            training=_json_safe(dict(training)) if training is not None else None,
+            training=json_safe(dict(training)) if training is not None else None,
             local_round=local_round,
         )
         payload = manifest.model_dump(
@@ -479,13 +458,13 @@ def save_model_dir(
         os.chmod(weights_path, 0o644)
         os.chmod(manifest_path, 0o644)
         os.chmod(tmp, 0o755)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

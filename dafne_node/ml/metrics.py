@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["dice_per_label", "mean_dice"]
+__all__ = ["dice_per_label", "json_safe", "mean_dice"]
 
 
 def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels: Iterable[int]) -> dict[int, float]:
@@ -50,3 +52,19 @@ def mean_dice(per_label: Mapping[int, float]) -> float:
     """Mean of the finite Dice values; NaN if there are none."""
     values = [v for v in per_label.values() if not math.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON takes it, recursively.
+
+    NaN and Inf (the Dice of a label absent from both maps) become None, paths strings.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
