@@ -32,9 +32,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dafne_node.learning.finetune import FinetuneSettings, finetune
-from dafne_node.ml.infer import Segmenter, available_cores
-from dafne_node.ml.manifest import default_model_dir, load_model_dir
-from dafne_node.ml.train import TrainingExample, evaluate
+from dafne_node.model.infer import Segmenter, available_cores
+from dafne_node.model.manifest import default_model_dir, load_model_dir
+from dafne_node.model.train import TrainingExample, evaluate
 from dafne_node.phantom import make_study
 
 

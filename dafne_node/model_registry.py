@@ -74,7 +74,7 @@ def active_model_info(session: Session, config: NodeConfig) -> tuple[str, int]:
     row = active_model(session)
     if row is not None:
         return row.name, row.generation
-    from dafne_node.ml.manifest import default_model_dir, load_manifest  # noqa: PLC0415 - torch
+    from dafne_node.model.manifest import default_model_dir, load_manifest  # noqa: PLC0415 - torch
 
     manifest = load_manifest(config.model.dir or default_model_dir())
     return manifest.name, manifest.generation

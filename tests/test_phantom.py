@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dafne_node.labels import LEG_MUSCLES, label_by_key
+from dafne_node.model.labels import LEG_MUSCLES, label_by_key
 from dafne_node.phantom import SITES, PhantomStudy, Tissue, make_study, write_images
 
 ALL_LABELS = {label.value for label in LEG_MUSCLES}

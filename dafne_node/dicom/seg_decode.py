@@ -34,7 +34,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import SegmentationStorage
 
 from dafne_node.dicom.pixels import MAX_IMAGE_VOXELS, MAX_MATRIX
-from dafne_node.labels import Label
+from dafne_node.model.labels import Label
 
 LOGGER = logging.getLogger(__name__)
 

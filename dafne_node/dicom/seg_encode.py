@@ -20,7 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dafne_node import __version__
-from dafne_node.labels import Label
+from dafne_node.model.labels import Label
 
 LOGGER = logging.getLogger(__name__)
 

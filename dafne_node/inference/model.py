@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import NodeConfig
 from dafne_node.inference.segmenter import SeriesSegmenter
-from dafne_node.ml.manifest import ModelError, default_model_dir
+from dafne_node.model.manifest import ModelError, default_model_dir
 from dafne_node.model_registry import active_model, register_active_model
 
 __all__ = ["ActiveModel"]

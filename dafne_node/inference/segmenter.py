@@ -20,9 +20,9 @@ from pydicom.uid import generate_uid
 
 from dafne_node.dicom.seg_encode import SegmentationAlgorithm, encode_segmentation
 from dafne_node.dicom.series import ImageVolume, InputError, SeriesFiles, load_volume
-from dafne_node.labels import Label
-from dafne_node.ml.infer import Precision, Segmenter
-from dafne_node.ml.manifest import LoadedModel, ModelManifest, default_model_dir, load_model_dir
+from dafne_node.model.infer import Precision, Segmenter
+from dafne_node.model.labels import Label
+from dafne_node.model.manifest import LoadedModel, ModelManifest, default_model_dir, load_model_dir
 
 LOGGER = logging.getLogger(__name__)
 

@@ -44,10 +44,10 @@ from dafne_node.dicom.seg_decode import (
 from dafne_node.dicom.series import ImageVolume, InputError, load_volume, read_series
 from dafne_node.jobs import lifecycle
 from dafne_node.jobs.runner import ClaimedJob
-from dafne_node.labels import Label
 from dafne_node.learning.examples import ExampleStore
-from dafne_node.ml.metrics import dice_per_label
-from dafne_node.ml.train import TrainingExample
+from dafne_node.model.labels import Label
+from dafne_node.model.metrics import dice_per_label
+from dafne_node.model.train import TrainingExample
 from db import corrections as repository
 from db.node_models import CorrectionState, Instance, Job, JobKind, JobState, Series
 

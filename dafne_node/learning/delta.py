@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 
-from dafne_node.ml.checkpoint import save_safetensors_atomically
+from dafne_node.model.checkpoint import save_safetensors_atomically
 
 LOGGER = logging.getLogger(__name__)
 

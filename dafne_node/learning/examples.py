@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dafne_node.durable import write_atomically
-from dafne_node.ml.train import TrainingExample
+from dafne_node.model.train import TrainingExample
 
 __all__ = ["EXAMPLES_DIR", "ExampleStore", "StoredExample"]
 

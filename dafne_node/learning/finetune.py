@@ -7,7 +7,7 @@ for the gate. :func:`finetune` then
 1. starts from the current model (``base_dir``) and trains on the new examples mixed with a
    sample of the replay examples (:func:`select_replay`), with augmentation, for a fixed
    number of steps; the run can be stopped at any step and continued in the next window
-   from its checkpoint (:func:`dafne_node.ml.train.train` does the stepping);
+   from its checkpoint (:func:`dafne_node.model.train.train` does the stepping);
 2. gates the result: on the held-out examples the fine-tuned model may lose at most
    ``max_dice_drop`` of mean Dice against the current model, otherwise the run is
    rejected and the reason recorded;
@@ -45,11 +45,11 @@ from torch import nn
 from tqdm import tqdm
 
 from dafne_node.learning.delta import DeltaMetadata, compute_delta, save_delta
-from dafne_node.ml.checkpoint import CheckpointError, remove_checkpoint
-from dafne_node.ml.infer import Precision, Segmenter
-from dafne_node.ml.manifest import LoadedModel, load_model_dir, save_model_dir
-from dafne_node.ml.metrics import json_safe
-from dafne_node.ml.train import (
+from dafne_node.model.checkpoint import CheckpointError, remove_checkpoint
+from dafne_node.model.infer import Precision, Segmenter
+from dafne_node.model.manifest import LoadedModel, load_model_dir, save_model_dir
+from dafne_node.model.metrics import json_safe
+from dafne_node.model.train import (
     EvaluationResult,
     TrainingExample,
     TrainingReport,
@@ -409,7 +409,7 @@ def finetune(
     local_round:
         Local round of the new model; default: the base's round plus one.
     should_stop, between_steps:
-        Asked / called before every training step (see :func:`dafne_node.ml.train.train`).
+        Asked / called before every training step (see :func:`dafne_node.model.train.train`).
     progress:
         Show progress bars (training, gate).
 
@@ -423,7 +423,7 @@ def finetune(
     ValueError
         If there is no new example, ``local_round`` is not positive, or ``root_dir`` is not
         the root of ``base_dir``.
-    dafne_node.ml.manifest.ModelError
+    dafne_node.model.manifest.ModelError
         If a model directory fails verification.
     """
     started = time.perf_counter()

@@ -44,8 +44,8 @@ from dafne_node.learning.finetune import (
     split_holdout,
 )
 from dafne_node.learning.windows import next_opening, open_window
-from dafne_node.ml.manifest import default_model_dir, load_manifest
-from dafne_node.ml.train import TrainingExample
+from dafne_node.model.manifest import default_model_dir, load_manifest
+from dafne_node.model.train import TrainingExample
 from dafne_node.model_registry import active_model, register_active_model
 from db import corrections as corrections_repository
 from db.base import dialect_insert, utcnow

@@ -37,7 +37,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from dafne_node.labels import LEG_MUSCLES, label_by_key
+from dafne_node.model.labels import LEG_MUSCLES, label_by_key
 
 LOGGER = logging.getLogger(__name__)
 

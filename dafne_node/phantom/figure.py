@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from dafne_node.labels import LEG_MUSCLES
+from dafne_node.model.labels import LEG_MUSCLES
 from dafne_node.phantom.render import PhantomStudy, make_study
 from dafne_node.phantom.sites import SITES
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dafne_node.labels import LEG_MUSCLES
+from dafne_node.model.labels import LEG_MUSCLES
 from dafne_node.phantom.anatomy import Subject, Tissue, cross_sections, random_subject
 from dafne_node.phantom.sites import SiteProtocol, get_site
 

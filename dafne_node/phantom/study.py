@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from dafne_node.dicom.files import save_dataset_atomically
 from dafne_node.dicom.seg_encode import SegmentationAlgorithm, encode_segmentation
-from dafne_node.labels import LEG_MUSCLES
+from dafne_node.model.labels import LEG_MUSCLES
 from dafne_node.phantom.dicom import write_images
 from dafne_node.phantom.render import PhantomStudy
 

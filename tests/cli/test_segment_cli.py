@@ -13,8 +13,8 @@ from pydicom import dcmread
 from dafne_node.app.cli import main
 from dafne_node.dicom.seg_decode import SourceFrame, decode_segmentation
 from dafne_node.dicom.series import load_volume, read_series
-from dafne_node.labels import LEG_MUSCLES
-from dafne_node.ml.metrics import dice_per_label, mean_dice
+from dafne_node.model.labels import LEG_MUSCLES
+from dafne_node.model.metrics import dice_per_label, mean_dice
 from tests.conftest import WrittenStudy
 
 
@@ -115,7 +115,7 @@ def test_compare_names_the_labels_of_the_model_it_is_given(
     import json  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
-    from dafne_node.ml.manifest import default_model_dir  # noqa: PLC0415
+    from dafne_node.model.manifest import default_model_dir  # noqa: PLC0415
 
     model = tmp_path / "model"
     shutil.copytree(default_model_dir(), model)

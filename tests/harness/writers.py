@@ -50,7 +50,7 @@ from pydicom import Dataset, dcmread
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dafne_node.ml.manifest import default_model_dir, load_manifest
+from dafne_node.model.manifest import default_model_dir, load_manifest
 
 NODE_WRITERS_DIR = Path(__file__).with_name("seg_writers")
 """The npm project holding the JavaScript writers and their pinned packages."""

@@ -69,9 +69,9 @@ max_duration_h = 24
 def test_corrections_from_viewers_teach_the_node_site_c(tmp_path: Path) -> None:
     from pydicom import dcmread  # noqa: PLC0415 - keep the driver's imports light
 
-    from dafne_node.ml.infer import Segmenter  # noqa: PLC0415
-    from dafne_node.ml.manifest import default_model_dir, load_model_dir  # noqa: PLC0415
-    from dafne_node.ml.train import TrainingExample, evaluate  # noqa: PLC0415
+    from dafne_node.model.infer import Segmenter  # noqa: PLC0415
+    from dafne_node.model.manifest import default_model_dir, load_model_dir  # noqa: PLC0415
+    from dafne_node.model.train import TrainingExample, evaluate  # noqa: PLC0415
     from dafne_node.phantom import make_study  # noqa: PLC0415
     from dafne_node.phantom.study import write_study  # noqa: PLC0415
     from tests.harness.writers import (  # noqa: PLC0415

@@ -42,8 +42,8 @@ def test_pushed_study_comes_back_with_a_seg(tmp_path: Path) -> None:
     from pydicom import dcmread  # noqa: PLC0415 - keep the driver's imports light
 
     from dafne_node.dicom.seg_decode import SourceFrame, decode_segmentation  # noqa: PLC0415
-    from dafne_node.labels import LEG_MUSCLES  # noqa: PLC0415
-    from dafne_node.ml.metrics import dice_per_label, mean_dice  # noqa: PLC0415
+    from dafne_node.model.labels import LEG_MUSCLES  # noqa: PLC0415
+    from dafne_node.model.metrics import dice_per_label, mean_dice  # noqa: PLC0415
     from dafne_node.phantom import make_study  # noqa: PLC0415
     from dafne_node.phantom.study import write_study  # noqa: PLC0415
 

@@ -20,8 +20,8 @@ from dafne_node.learning.delta import (
     read_delta_metadata,
     save_delta,
 )
-from dafne_node.ml.architectures import build_model
-from tests.ml.conftest import TINY_PARAMS
+from dafne_node.model.architectures import build_model
+from tests.model.conftest import TINY_PARAMS
 
 
 def _states() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

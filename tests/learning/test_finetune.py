@@ -18,11 +18,11 @@ from dafne_node.learning.finetune import (
     select_replay,
     split_holdout,
 )
-from dafne_node.ml.architectures import build_model
-from dafne_node.ml.checkpoint import load_checkpoint
-from dafne_node.ml.manifest import load_model_dir, save_model_dir
-from dafne_node.ml.train import TrainingExample, train
-from tests.ml.conftest import TINY_PARAMS, TINY_PREPROCESSING, _synthetic_volume
+from dafne_node.model.architectures import build_model
+from dafne_node.model.checkpoint import load_checkpoint
+from dafne_node.model.manifest import load_model_dir, save_model_dir
+from dafne_node.model.train import TrainingExample, train
+from tests.model.conftest import TINY_PARAMS, TINY_PREPROCESSING, _synthetic_volume
 
 QUICK = FinetuneSettings(steps=6, batch_size=2, lr=1e-3, checkpoint_every=2, threads=1,
                          precision="fp32", max_dice_drop=1.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from dafne_node.ml.checkpoint import CHECKPOINT_FILE
+from dafne_node.model.checkpoint import CHECKPOINT_FILE
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState
 from tests.node.conftest import Node
 

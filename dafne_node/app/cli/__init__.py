@@ -52,7 +52,7 @@ def _is_user_error(exc: Exception) -> bool:
     from dafne_node.config import ConfigError
     from dafne_node.dicom.seg_decode import SegmentationError
     from dafne_node.dicom.series import InputError
-    from dafne_node.ml.manifest import ModelError
+    from dafne_node.model.manifest import ModelError
 
     return isinstance(
         exc, UserError | ConfigError | InputError | ModelError | SegmentationError | OSError

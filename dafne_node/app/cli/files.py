@@ -148,8 +148,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from pydicom import dcmread
 
     from dafne_node.dicom.seg_decode import decode_segmentation
-    from dafne_node.ml.manifest import ModelError, default_model_dir, load_manifest
-    from dafne_node.ml.metrics import dice_per_label, mean_dice
+    from dafne_node.model.manifest import ModelError, default_model_dir, load_manifest
+    from dafne_node.model.metrics import dice_per_label, mean_dice
 
     try:
         labels = load_manifest(args.model_dir or default_model_dir()).to_labels()

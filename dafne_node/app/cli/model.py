@@ -50,7 +50,7 @@ def _add_model(commands: argparse._SubParsersAction) -> None:
 
 def run_model_show(args: argparse.Namespace) -> int:
     """Verify a model directory and describe it."""
-    from dafne_node.ml.manifest import default_model_dir, load_model_dir
+    from dafne_node.model.manifest import default_model_dir, load_model_dir
 
     loaded = load_model_dir(args.model_dir or default_model_dir())
     manifest = loaded.manifest
@@ -70,8 +70,8 @@ def run_model_show(args: argparse.Namespace) -> int:
 
 def run_model_build(args: argparse.Namespace) -> int:
     """Retrain the default model from phantoms."""
-    from dafne_node.ml.manifest import default_model_dir
-    from dafne_node.ml.train import build_default_model
+    from dafne_node.model.manifest import default_model_dir
+    from dafne_node.model.train import build_default_model
 
     options: dict[str, int] = {"seed": args.seed}
     if args.steps is not None:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dafne_node.ml.architectures import build_model
-from dafne_node.ml.infer import Segmenter
-from dafne_node.ml.train import TrainingExample, evaluate, train
+from dafne_node.model.architectures import build_model
+from dafne_node.model.infer import Segmenter
+from dafne_node.model.train import TrainingExample, evaluate, train
 
 
 def _examples(synthetic_volume, seeds) -> list[TrainingExample]:

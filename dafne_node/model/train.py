@@ -23,7 +23,7 @@ Choices and why:
   on the same machine and thread count).
 * A node trains only inside its training windows and gives way to segmentation, so a run can
   stop at any step boundary (``should_stop``), pause (``between_steps``) and continue later
-  from a checkpoint (:mod:`dafne_node.ml.checkpoint`: weights, AdamW state, step, random
+  from a checkpoint (:mod:`dafne_node.model.checkpoint`: weights, AdamW state, step, random
   state) to exactly the weights an uninterrupted run would reach.
 
 The bundled model: ``build_default_model(default_model_dir())`` - 48 site-A phantom
@@ -49,18 +49,18 @@ from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
 
-from dafne_node.labels import LEG_MUSCLES, Label
-from dafne_node.ml.architectures import build_model, count_parameters
-from dafne_node.ml.checkpoint import (
+from dafne_node.model.architectures import build_model, count_parameters
+from dafne_node.model.checkpoint import (
     CheckpointError,
     TrainingState,
     load_checkpoint,
     save_checkpoint,
 )
-from dafne_node.ml.infer import Precision, Segmenter, available_cores, resolve_precision
-from dafne_node.ml.manifest import ModelManifest, save_model_dir
-from dafne_node.ml.metrics import dice_per_label, mean_dice
-from dafne_node.ml.preprocess import (
+from dafne_node.model.infer import Precision, Segmenter, available_cores, resolve_precision
+from dafne_node.model.labels import LEG_MUSCLES, Label
+from dafne_node.model.manifest import ModelManifest, save_model_dir
+from dafne_node.model.metrics import dice_per_label, mean_dice
+from dafne_node.model.preprocess import (
     PreprocessConfig,
     labels_to_model_grid,
     normalize_intensity,
@@ -385,7 +385,7 @@ def train(
         Called before every step, before ``should_stop``; it may block, e.g. to pause
         training while segmentation jobs wait.
     checkpoint_dir:
-        The run's checkpoint directory (see :mod:`dafne_node.ml.checkpoint`). If it holds a
+        The run's checkpoint directory (see :mod:`dafne_node.model.checkpoint`). If it holds a
         checkpoint of this run (same data, initial weights and settings), training continues
         from it and ends with the weights an uninterrupted run would have; a checkpoint is
         written when the run stops and when it completes.
@@ -578,7 +578,7 @@ def build_default_model(
     ----------
     out_dir:
         Model directory to write (replaced atomically), normally
-        :func:`dafne_node.ml.manifest.default_model_dir`.
+        :func:`dafne_node.model.manifest.default_model_dir`.
     train_subjects, val_subjects:
         Number of training and of evaluation phantom subjects per site.
     steps, batch_size, lr:

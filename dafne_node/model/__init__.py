@@ -2,12 +2,12 @@
 
 Everything the node and the federation server need to run, train and judge a Dafne
 segmentation model. Models are data (safetensors + JSON manifest naming a built-in
-architecture), see :mod:`dafne_node.ml.manifest`.
+architecture), see :mod:`dafne_node.model.manifest`.
 """
 
-from dafne_node.ml.architectures import ARCHITECTURES, build_model, count_parameters
-from dafne_node.ml.infer import Precision, Segmenter, bf16_supported
-from dafne_node.ml.manifest import (
+from dafne_node.model.architectures import ARCHITECTURES, build_model, count_parameters
+from dafne_node.model.infer import Precision, Segmenter, bf16_supported
+from dafne_node.model.manifest import (
     LoadedModel,
     ModelError,
     ModelManifest,
@@ -16,9 +16,9 @@ from dafne_node.ml.manifest import (
     load_model_dir,
     save_model_dir,
 )
-from dafne_node.ml.metrics import dice_per_label, mean_dice
-from dafne_node.ml.preprocess import PreprocessConfig
-from dafne_node.ml.train import (
+from dafne_node.model.metrics import dice_per_label, mean_dice
+from dafne_node.model.preprocess import PreprocessConfig
+from dafne_node.model.train import (
     DEFAULT_PREPROCESSING,
     EvaluationResult,
     TrainingExample,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dafne_node.labels import LEG_MUSCLES
-from dafne_node.ml.architectures import build_model
-from dafne_node.ml.manifest import (
+from dafne_node.model.architectures import build_model
+from dafne_node.model.labels import LEG_MUSCLES
+from dafne_node.model.manifest import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     ModelError,

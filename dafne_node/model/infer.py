@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from dafne_node.ml.manifest import LoadedModel, ModelManifest
-from dafne_node.ml.preprocess import (
+from dafne_node.model.manifest import LoadedModel, ModelManifest
+from dafne_node.model.preprocess import (
     PreprocessConfig,
     from_model_grid,
     normalize_intensity,
@@ -128,7 +128,7 @@ class Segmenter:
     def from_loaded(cls, loaded: LoadedModel, **options: Any) -> Segmenter:
         """Segmenter for a verified model directory.
 
-        ``loaded`` comes from :func:`dafne_node.ml.manifest.load_model_dir`; ``options`` are
+        ``loaded`` comes from :func:`dafne_node.model.manifest.load_model_dir`; ``options`` are
         the class's keyword parameters.
         """
         return cls(loaded.model, loaded.preprocessing, manifest=loaded.manifest, **options)

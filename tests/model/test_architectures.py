@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dafne_node.ml.architectures import ARCHITECTURES, build_model, count_parameters
+from dafne_node.model.architectures import ARCHITECTURES, build_model, count_parameters
 
 
 def test_default_unet_shape_and_size() -> None:

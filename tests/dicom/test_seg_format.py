@@ -14,7 +14,7 @@ from pydicom.uid import SegmentationStorage
 
 from dafne_node.dicom.seg_decode import SegmentationError, SourceFrame, decode_segmentation
 from dafne_node.dicom.seg_encode import SegmentationAlgorithm, encode_segmentation
-from dafne_node.labels import LEG_MUSCLES
+from dafne_node.model.labels import LEG_MUSCLES
 from tests.conftest import WrittenStudy
 
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from dafne_node.ml.architectures import build_model
-from dafne_node.ml.manifest import LoadedModel, load_model_dir, save_model_dir
-from dafne_node.ml.preprocess import PreprocessConfig
+from dafne_node.model.architectures import build_model
+from dafne_node.model.manifest import LoadedModel, load_model_dir, save_model_dir
+from dafne_node.model.preprocess import PreprocessConfig
 
 TINY_PARAMS = {"base_channels": 4, "depth": 2, "max_channels": 16, "groups": 2}
 TINY_PREPROCESSING = PreprocessConfig(target_spacing_mm=2.0, input_shape=(64, 64))

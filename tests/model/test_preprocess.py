@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dafne_node.ml.preprocess import (
+from dafne_node.model.preprocess import (
     PreprocessConfig,
     from_model_grid,
     labels_to_model_grid,

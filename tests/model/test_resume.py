@@ -13,14 +13,14 @@ import time
 import pytest
 import torch
 
-from dafne_node.ml.architectures import build_model
-from dafne_node.ml.checkpoint import (
+from dafne_node.model.architectures import build_model
+from dafne_node.model.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
-from dafne_node.ml.train import TrainingExample, train
+from dafne_node.model.train import TrainingExample, train
 
 STEPS = 6
 
@@ -152,7 +152,7 @@ def test_unreadable_checkpoint_is_reported(tmp_path) -> None:
 
 _WRITER = """
 import sys, torch
-from dafne_node.ml.checkpoint import TrainingState, save_checkpoint
+from dafne_node.model.checkpoint import TrainingState, save_checkpoint
 step = 0
 while True:
     step += 1

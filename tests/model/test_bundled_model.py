@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dafne_node.labels import LEG_MUSCLES
-from dafne_node.ml.infer import Segmenter
-from dafne_node.ml.manifest import MANIFEST_FILE, WEIGHTS_FILE, default_model_dir, load_model_dir
-from dafne_node.ml.metrics import dice_per_label, mean_dice
+from dafne_node.model.infer import Segmenter
+from dafne_node.model.labels import LEG_MUSCLES
+from dafne_node.model.manifest import MANIFEST_FILE, WEIGHTS_FILE, default_model_dir, load_model_dir
+from dafne_node.model.metrics import dice_per_label, mean_dice
 
 BUNDLED = default_model_dir()
 pytestmark = pytest.mark.skipif(not (BUNDLED / MANIFEST_FILE).is_file(),

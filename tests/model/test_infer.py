@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dafne_node.ml.infer import Segmenter, bf16_supported, resolve_precision
-from dafne_node.ml.manifest import LoadedModel
+from dafne_node.model.infer import Segmenter, bf16_supported, resolve_precision
+from dafne_node.model.manifest import LoadedModel
 
 
 def test_segment_shape_dtype_labels(tiny_loaded: LoadedModel, synthetic_volume) -> None:

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dafne_node.ml.metrics import dice_per_label, mean_dice
+from dafne_node.model.metrics import dice_per_label, mean_dice
 
 
 def test_dice_values() -> None:

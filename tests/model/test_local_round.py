@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dafne_node.ml.architectures import build_model
-from dafne_node.ml.manifest import (
+from dafne_node.model.architectures import build_model
+from dafne_node.model.manifest import (
     MANIFEST_FILE,
     ModelError,
     default_model_dir,

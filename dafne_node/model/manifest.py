@@ -40,10 +40,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dafne_node.durable import fsync_dir
-from dafne_node.labels import LEG_MUSCLES, Label
-from dafne_node.ml.architectures import build_model
-from dafne_node.ml.metrics import json_safe
-from dafne_node.ml.preprocess import PreprocessConfig
+from dafne_node.model.architectures import build_model
+from dafne_node.model.labels import LEG_MUSCLES, Label
+from dafne_node.model.metrics import json_safe
+from dafne_node.model.preprocess import PreprocessConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class LabelSpec(BaseModel):
 
     @classmethod
     def from_label(cls, label: Label) -> LabelSpec:
-        """Describe a :class:`dafne_node.labels.Label`."""
+        """Describe a :class:`dafne_node.model.labels.Label`."""
         def code(c: Any) -> CodeSpec:
             return CodeSpec(value=c.value, scheme=c.scheme_designator, meaning=c.meaning)
 
@@ -380,7 +380,7 @@ def save_model_dir(
     """Write ``model`` as a model directory at ``path``, replacing it atomically.
 
     The architecture id and parameters are taken from the model (as set by
-    :func:`dafne_node.ml.architectures.build_model`). Both files are written and fsynced in
+    :func:`dafne_node.model.architectures.build_model`). Both files are written and fsynced in
     a sibling temporary directory which is then renamed onto ``path``; an existing directory
     is moved aside first and removed after the swap.
 
@@ -417,7 +417,7 @@ def save_model_dir(
     arch_id = getattr(model, "architecture_id", None)
     arch_params = getattr(model, "architecture_params", None)
     if not isinstance(arch_id, str) or not isinstance(arch_params, dict):
-        raise ValueError("model was not built by dafne_node.ml.architectures.build_model")
+        raise ValueError("model was not built by dafne_node.model.architectures.build_model")
     if weights_dtype not in (torch.float32, torch.float16):
         raise ValueError(f"weights_dtype must be float32 or float16, got {weights_dtype}")
     target = Path(path)
