@@ -7,13 +7,16 @@ of a run, not what it learns (the end-to-end test and the benchmark check that).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sqlalchemy import select
 
+from dafne_node.app.cli import main
 from dafne_node.app.trainer import Trainer
 from dafne_node.config import NodeConfig, load_config
 from dafne_node.learning.training import schedule_training
@@ -133,3 +136,25 @@ def test_a_run_that_loses_dice_on_held_out_examples_is_rejected_and_trains_nothi
         assert session.scalars(select(Model).where(Model.local_round > 0)).all() == []
         states = dict(session.execute(select(Correction.id, Correction.state)).all())
     assert states == {1: CorrectionState.QUEUED, 2: CorrectionState.QUEUED}
+
+
+def test_train_now_runs_the_waiting_corrections_in_the_foreground(
+    corrected: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    config, _ = corrected
+    toml = tmp_path / "now.toml"
+    toml.write_text("[training]\nsteps = 4\nthreads = 1\n")
+    data = ["--config", str(toml), "--data-dir", str(config.node.data_dir)]
+    assert main(["train", "--now", "--json", *data]) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["outcome"] == "accepted", outcome
+    assert outcome["version_label"] == "g1-local1"
+    assert sorted(outcome["examples"]) == [1, 2]
+
+    assert main(["train", "--now", *data]) == 1, "nothing new to train on"
+    assert "no new correction to train on" in capsys.readouterr().err
+    assert main(["status", "--json", *data]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["training"]["last_run"]["outcome"] == "accepted"
+    assert status["model"]["version"] == "g1-local1"
+    assert status["corrections"]["trained"] == 2
