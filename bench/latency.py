@@ -154,7 +154,7 @@ def _drive_training(work: Path, corrected: list[str], folders: list[Path]) -> di
                      what="training to start")
             again = []
             for folder in folders:  # new instances of the same studies, pushed during training
-                copy = work / "again" / folder.name
+                copy = work / "again" / folder.parent.name
                 _renumbered_copy(folder, copy)
                 again.append(copy)
             _push_one_by_one(orthanc, again, len(images) + len(folders))
