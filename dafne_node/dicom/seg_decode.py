@@ -306,6 +306,7 @@ def _frame_masks(seg: Dataset) -> np.ndarray:
         raise SegmentationError(f"frames of {rows}x{cols} pixels (at most {MAX_MATRIX} a side)")
     if not 0 < count * rows * cols <= MAX_IMAGE_VOXELS:
         raise SegmentationError(f"{count} frames of {rows}x{cols} is too large to decode")
+    _check_native_length(seg, count * rows * cols)
     try:
         pixels = np.asarray(seg.pixel_array)
     except Exception as exc:  # pydicom's decoders raise anything from ValueError to struct.error
@@ -324,6 +325,24 @@ def _frame_masks(seg: Dataset) -> np.ndarray:
             return (pixels > 0).astype(np.uint8)
         return (pixels.astype(np.int32) * 2 > maximum).astype(np.uint8)
     return pixels
+
+
+def _check_native_length(seg: Dataset, pixels: int) -> None:
+    """Refuse uncompressed pixel data longer or shorter than the header says.
+
+    Only the even padding may follow. pydicom takes excess bytes for padding and decodes
+    the rest shifted: dcmjs 0.47.1-0.49.0 (OHIF 3.12) wrapped native pixel data in an item
+    tag, which would give masks moved by eight bytes, silently.
+    """
+    syntax = getattr(getattr(seg, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_encapsulated:
+        return
+    bits = int(seg.get("BitsAllocated", 1) or 1)
+    expected = (pixels * bits + 7) // 8
+    actual = len(seg.PixelData)
+    if actual not in (expected, expected + expected % 2):
+        raise SegmentationError(f"pixel data holds {actual} bytes, the header declares "
+                                f"{expected}: the file is malformed")
 
 
 def _segment_numbers(seg: Dataset, count: int) -> list[int] | None:

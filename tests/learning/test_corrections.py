@@ -200,3 +200,18 @@ def test_corrections_are_listed_by_the_command_the_api_status_and_metrics(
         assert client.get("/status").json()["corrections"]["queued"] == 1
         metrics = client.get("/metrics").text
     assert 'dafne_corrections{state="queued"} 1.0' in metrics
+
+
+def test_native_pixel_data_wrapped_in_item_tags_is_rejected_with_the_reason(
+    segmented: Node, segmenter: SeriesSegmenter, small_study: WrittenStudy, tmp_path: Path,
+) -> None:
+    """dcmjs 0.47.1-0.49.0 (OHIF 3.12) wrapped uncompressed pixel data in an item tag."""
+    broken = dcmread(write_seg(tmp_path, small_study, small_study.study.labels, segmenter))
+    data = bytes(broken.PixelData)
+    broken.PixelData = b"\xfe\xff\x00\xe0" + len(data).to_bytes(4, "little") + data
+    save_dataset_atomically(broken, tmp_path / "wrapped.dcm")
+    receive(segmented, tmp_path / "wrapped.dcm")
+    run_all(segmented, segmenter)
+    [correction] = corrections(segmented)
+    assert correction.state == CorrectionState.REJECTED
+    assert "pixel data" in correction.reason, correction.reason
