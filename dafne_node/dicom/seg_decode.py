@@ -45,8 +45,10 @@ __all__ = [
     "SegmentationError",
     "SourceFrame",
     "decode_segmentation",
+    "image_position",
     "map_segments",
     "read_segments",
+    "referenced_uids",
     "source_frames_of",
 ]
 
@@ -181,8 +183,12 @@ def decode_segmentation(
         raise SegmentationError(
             f"frames are {pixels.shape[1]}x{pixels.shape[2]} pixels, the source images "
             f"{matrix[0]}x{matrix[1]}: the SEG does not match the source geometry")
-    placement = _place_frames(seg, frames, pixels.shape[0])
-    segment_of_frame = _segment_numbers(seg, pixels.shape[0])
+    groups = seg.get("PerFrameFunctionalGroupsSequence", [])
+    if len(groups) != pixels.shape[0]:
+        raise SegmentationError(
+            f"{len(groups)} per-frame functional groups for {pixels.shape[0]} frames")
+    placement = _place_frames(seg, frames, groups)
+    segment_of_frame = _segment_numbers(seg, groups)
 
     label_map = np.zeros((len(frames), pixels.shape[1], pixels.shape[2]), dtype=np.uint8)
     for index, target in enumerate(placement):
@@ -283,6 +289,21 @@ def source_frames_of(seg: Dataset) -> tuple[SourceFrame, ...]:
     return tuple(SourceFrame(uid, number, position) for (uid, number), position in found.items())
 
 
+def referenced_uids(seg: Dataset) -> tuple[set[str], set[str]]:
+    """Series and SOP Instance UIDs of the source images a SEG names, wherever it names them.
+
+    The Referenced Series Sequence, and the Source Image references of the per-frame and
+    the shared functional groups.
+    """
+    series_uids = {str(series.SeriesInstanceUID)
+                   for series in seg.get("ReferencedSeriesSequence", [])
+                   if series.get("SeriesInstanceUID")}
+    sop_uids = {frame.sop_instance_uid for frame in source_frames_of(seg)}
+    for group in seg.get("SharedFunctionalGroupsSequence", []):
+        sop_uids.update(uid for uid, _ in _frame_references(group))
+    return series_uids, sop_uids
+
+
 def _check_is_seg(seg: Dataset) -> None:
     if seg.get("SOPClassUID") != SegmentationStorage:
         raise SegmentationError(f"not a Segmentation Storage instance (SOP Class "
@@ -345,13 +366,10 @@ def _check_native_length(seg: Dataset, pixels: int) -> None:
                                 f"{expected}: the file is malformed")
 
 
-def _segment_numbers(seg: Dataset, count: int) -> list[int] | None:
+def _segment_numbers(seg: Dataset, groups: Sequence[Dataset]) -> list[int] | None:
     """Segment number of each frame; None for a LABELMAP SEG (values are the numbers)."""
     if str(seg.SegmentationType) == "LABELMAP":
         return None
-    groups = seg.get("PerFrameFunctionalGroupsSequence", [])
-    if len(groups) != count:
-        raise SegmentationError(f"{len(groups)} per-frame functional groups for {count} frames")
     shared = _shared(seg)
     numbers = []
     for index, group in enumerate(groups, start=1):
@@ -364,7 +382,7 @@ def _segment_numbers(seg: Dataset, count: int) -> list[int] | None:
     return numbers
 
 
-def _place_frames(seg: Dataset, frames: Sequence[SourceFrame], count: int
+def _place_frames(seg: Dataset, frames: Sequence[SourceFrame], groups: Sequence[Dataset]
                   ) -> list[int | None]:
     """Index into ``frames`` of each SEG frame: by reference, else by plane position.
 
@@ -375,9 +393,6 @@ def _place_frames(seg: Dataset, frames: Sequence[SourceFrame], count: int
     geometry = _Geometry.of(seg, frames)
     by_key = {(frame.sop_instance_uid, frame.frame_number): index
               for index, frame in enumerate(frames)}
-    groups = seg.get("PerFrameFunctionalGroupsSequence", [])
-    if len(groups) != count:
-        raise SegmentationError(f"{len(groups)} per-frame functional groups for {count} frames")
     placement: list[int | None] = []
     unplaced: list[int] = []
     for number, group in enumerate(groups, start=1):
@@ -397,7 +412,7 @@ def _place_frames(seg: Dataset, frames: Sequence[SourceFrame], count: int
         placement.append(target)
     if unplaced:
         raise SegmentationError(
-            f"{len(unplaced)} of {count} frames (first: frame {unplaced[0]}) lie on none of "
+            f"{len(unplaced)} of {len(groups)} frames (first: frame {unplaced[0]}) lie on none of "
             f"the {len(frames)} source images: the SEG references images this node does not "
             "hold or frames that do not match the source geometry")
     return placement
@@ -451,13 +466,18 @@ def _pixel_spacing(seg: Dataset) -> tuple[float, float] | None:
     return None
 
 
-def _plane_position(group: Dataset) -> tuple[float, float, float] | None:
-    planes = group.get("PlanePositionSequence")
+def image_position(item: Dataset) -> tuple[float, float, float] | None:
+    """Image Position (Patient) of an image or a Plane Position item, if it has a valid one."""
     try:
-        x, y, z = (float(value) for value in planes[0].ImagePositionPatient)
-    except (AttributeError, IndexError, TypeError, ValueError):
+        x, y, z = (float(value) for value in item.ImagePositionPatient)
+    except (AttributeError, TypeError, ValueError):
         return None
     return (x, y, z)
+
+
+def _plane_position(group: Dataset) -> tuple[float, float, float] | None:
+    planes = group.get("PlanePositionSequence")
+    return image_position(planes[0]) if planes else None
 
 
 def _frame_references(group: Dataset) -> list[tuple[str, int]]:

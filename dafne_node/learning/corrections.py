@@ -40,6 +40,8 @@ from dafne_node.dicom.seg_decode import (
     SegmentationError,
     SourceFrame,
     decode_segmentation,
+    image_position,
+    referenced_uids,
 )
 from dafne_node.dicom.series import ImageVolume, InputError, load_volume, read_series
 from dafne_node.jobs import lifecycle
@@ -230,7 +232,7 @@ class CorrectionHandler:
         return finding
 
     def _source_series(self, seg: Dataset, seg_series_id: int | None) -> Series:
-        series_uids, sop_uids = _references(seg)
+        series_uids, sop_uids = referenced_uids(seg)
         if not series_uids and not sop_uids:
             raise SegmentationError("the SEG references no source images")
         with self._sessions() as session:
@@ -325,26 +327,6 @@ class CorrectionHandler:
         return correction_id
 
 
-def _references(seg: Dataset) -> tuple[set[str], set[str]]:
-    """Series and SOP Instance UIDs of the source images a SEG names, wherever it names them."""
-    series_uids: set[str] = set()
-    sop_uids: set[str] = set()
-    for series in seg.get("ReferencedSeriesSequence", []):
-        if series.get("SeriesInstanceUID"):
-            series_uids.add(str(series.SeriesInstanceUID))
-        sop_uids.update(str(item.ReferencedSOPInstanceUID)
-                        for item in series.get("ReferencedInstanceSequence", [])
-                        if item.get("ReferencedSOPInstanceUID"))
-    groups = [*seg.get("SharedFunctionalGroupsSequence", []),
-              *seg.get("PerFrameFunctionalGroupsSequence", [])]
-    for group in groups:
-        for derivation in group.get("DerivationImageSequence", []):
-            sop_uids.update(str(source.ReferencedSOPInstanceUID)
-                            for source in derivation.get("SourceImageSequence", [])
-                            if source.get("ReferencedSOPInstanceUID"))
-    return series_uids, sop_uids
-
-
 def _series_of_most(session: Session, sop_uids: list[str], exclude: int | None) -> Series | None:
     """The image series holding the most of ``sop_uids`` (a SEG may reference a subset)."""
     counts: dict[int, int] = {}
@@ -365,21 +347,13 @@ def _series_of_most(session: Session, sop_uids: list[str], exclude: int | None) 
 def _source_frames(volume: ImageVolume) -> list[SourceFrame]:
     """The volume's frames with their positions, in the volume's order."""
     if len(volume.sources) == volume.pixels.shape[0]:
-        return [SourceFrame(str(ds.SOPInstanceUID), 1, _position(ds)) for ds in volume.sources]
+        return [SourceFrame(str(ds.SOPInstanceUID), 1, image_position(ds)) for ds in volume.sources]
     multiframe = volume.sources[0]
     return [
         SourceFrame(str(multiframe.SOPInstanceUID), number,
-                    _position(group.PlanePositionSequence[0]))
+                    image_position(group.PlanePositionSequence[0]))
         for number, group in enumerate(multiframe.PerFrameFunctionalGroupsSequence, start=1)
     ]
-
-
-def _position(ds: Dataset) -> tuple[float, float, float] | None:
-    try:
-        x, y, z = (float(value) for value in ds.ImagePositionPatient)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return (x, y, z)
 
 
 def _writer(seg: Dataset) -> str | None:
