@@ -41,16 +41,50 @@ _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 @dataclass(frozen=True)
 class History:
-    """One Alembic history: where its scripts are and which version table it uses."""
+    """One Alembic history: where its scripts are and which version table it uses.
+
+    ``missing`` and ``mismatch`` are what :func:`check_current` tells the operator when the
+    database is empty or at another revision (``str.format`` fields ``url``, ``current``,
+    ``head``): each schema belongs to another program, with its own commands.
+    """
 
     script_location: Path
     version_table: str
+    missing: str
+    mismatch: str
 
 
 HISTORIES: dict[str, History] = {
-    "node": History(_MIGRATIONS / "node", "alembic_version_node"),
+    "node": History(
+        _MIGRATIONS / "node",
+        "alembic_version_node",
+        missing=(
+            "no node database at {url}: start the node (dafne-node serve) once, or point "
+            "--data-dir or DAFNE_DB_URL at its data"
+        ),
+        mismatch=(
+            "the node database is at schema revision {current}, this dafne-node expects "
+            "{head}: restart the node with this version (dafne-node serve or worker "
+            "migrates it), or use the dafne-node of the version that is running"
+        ),
+    ),
+    "federation": History(
+        _MIGRATIONS / "federation",
+        "alembic_version_federation",
+        missing=(
+            "no federation database at {url}: run `dafne-federation init` or point "
+            "DAFNE_FED_DB_URL at it"
+        ),
+        mismatch=(
+            "the federation database is at schema revision {current}, this "
+            "dafne-federation expects {head}: restart `dafne-federation serve`/`worker` "
+            "with this version (they migrate it), or use the dafne-federation of the "
+            "version that is running"
+        ),
+    ),
 }
-"""The schemas this package can migrate, by name."""
+"""The schemas this package can migrate, by name (each with its own version table, so
+both can live in one database)."""
 
 
 def alembic_config(history: str = "node", url: str | None = None) -> Config:
@@ -93,29 +127,25 @@ class SchemaMismatchError(RuntimeError):
 def check_current(engine: Engine, history: str = "node") -> None:
     """Make sure the database is at this code's head revision, without changing it.
 
-    Why: read-only commands (``status``, ``jobs retry``) run beside a running node, maybe
-    of another version. Migrating from there would change the schema under the running
-    node's feet; only the processes that own the database (``serve``, ``worker``) migrate.
+    Why: read-only commands (``status``, ``jobs retry``) run beside a running node (or
+    federation server), maybe of another version. Migrating from there would change the
+    schema under the running processes' feet; only the processes that own the database
+    (``serve``, ``worker``) migrate.
 
     Raises
     ------
     SchemaMismatchError
         If the database is empty or at another revision, saying which and what to do.
     """
+    entry = HISTORIES[history]
     current = current_revision(engine, history)
     head = head_revision(history)
+    fields = {"current": current, "head": head,
+              "url": engine.url.render_as_string(hide_password=True)}
     if current is None:
-        raise SchemaMismatchError(
-            f"no node database at {engine.url.render_as_string(hide_password=True)}: "
-            "start the node (dafne-node serve) once, or point --data-dir or DAFNE_DB_URL at "
-            "its data"
-        )
+        raise SchemaMismatchError(entry.missing.format(**fields))
     if current != head:
-        raise SchemaMismatchError(
-            f"the node database is at schema revision {current}, this dafne-node expects "
-            f"{head}: restart the node with this version (dafne-node serve or worker "
-            "migrates it), or use the dafne-node of the version that is running"
-        )
+        raise SchemaMismatchError(entry.mismatch.format(**fields))
 
 
 def upgrade(
@@ -131,7 +161,7 @@ def upgrade(
     revision : str
         Target revision, ``head`` by default.
     history : str
-        Which schema: ``node`` (more are registered in :data:`HISTORIES`).
+        Which schema: ``node`` or ``federation`` (see :data:`HISTORIES`).
     """
     engine = target if isinstance(target, Engine) else make_engine(target)
     try:

@@ -26,7 +26,8 @@ def test_no_runtime_module_imports_the_phantom_generator() -> None:
 def test_the_model_package_needs_no_dicom_and_no_database() -> None:
     """The federation server imports the model package: no DICOM I/O, no node database."""
     probe = ("import sys; import dafne_node.model, dafne_node.learning.finetune, "
-             "dafne_node.learning.delta; print(sorted({m.split('.')[0] if not "
+             "dafne_node.learning.delta, dafne_node.learning.update, federation.aggregate, "
+             "federation.strategies; print(sorted({m.split('.')[0] if not "
              "m.startswith('dafne_node.') else '.'.join(m.split('.')[:2]) for m in sys.modules "
              "if m.split('.')[0] in {'highdicom', 'sqlalchemy', 'db', 'dicom_scp'} or "
              "m.startswith(('dafne_node.dicom', 'dafne_node.app', 'dafne_node.inference', "

@@ -1,1 +1,1 @@
-"""Alembic migration histories, one per schema (``node``; the federation server adds its own)."""
+"""Alembic migration histories, one per schema: ``node`` and ``federation``."""

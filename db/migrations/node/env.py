@@ -2,11 +2,15 @@
 
 Run programmatically through :func:`db.migrate.upgrade` (which passes an open connection in
 ``config.attributes["connection"]``) or with the ``alembic`` command and an ``-x url=…``
-or ``sqlalchemy.url`` option. The version table is ``alembic_version_node`` so that the node
-and federation histories can share one database.
+or ``sqlalchemy.url`` option. The version table is ``alembic_version_node`` and autogenerate
+looks only at the node's own tables, so that the node and federation histories can share one
+database without either proposing to drop the other's tables.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from alembic import context
 from sqlalchemy.engine import Connection
@@ -27,11 +31,17 @@ def _url() -> str:
     return url or config.get_main_option("sqlalchemy.url") or ""
 
 
+def include_name(name: str | None, type_: str, _parents: Mapping[str, Any]) -> bool:
+    """Autogenerate compares only this schema's tables (the federation's may share the database)."""
+    return type_ != "table" or name in target_metadata.tables
+
+
 def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         version_table=VERSION_TABLE,
+        include_name=include_name,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )
@@ -47,6 +57,7 @@ def run_migrations_offline() -> None:
         url=_url(),
         target_metadata=target_metadata,
         version_table=VERSION_TABLE,
+        include_name=include_name,
         literal_binds=True,
     )
     with context.begin_transaction():

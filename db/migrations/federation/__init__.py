@@ -1,0 +1,1 @@
+"""Alembic history of the federation schema (run through :func:`db.migrate.upgrade`)."""

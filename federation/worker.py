@@ -1,0 +1,296 @@
+"""The aggregation worker: buffered updates become candidate generations, gated, signed.
+
+``dafne-federation worker`` runs this loop. Any number of workers may run against one
+database: for each model, only the worker holding the model's lease (a conditional UPDATE
+on its row, :func:`db.federation.acquire_lease`) aggregates, so two candidates are never
+built from the same updates, and a worker that dies loses its lease after ``lease_s``.
+
+One aggregation, FedBuff-style (no node ever waits for another):
+
+1. It is due when ``buffer_size`` updates wait, or the oldest has waited
+   ``flush_interval_s`` (a hospital that trains once a month still counts).
+2. The strategy (:mod:`federation.strategies`) builds the candidate from the current
+   generation and up to ``max_buffer`` waiting updates, each clipped to ``clip_norm``.
+3. The gate (:mod:`federation.gate`) scores the candidate on the validation set and
+   compares it with the current generation's scores.
+4. In one transaction the candidate is recorded with the updates it contains and either
+   promoted (next number, signed manifest) or rejected with the reason; its weights are
+   kept for audit either way. Until that commit the updates stay pending, so a worker
+   killed half way loses nothing and applies nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy.orm import Session, sessionmaker
+
+from dafne_node.learning.update import UpdateFormatError, decode_update
+from dafne_node.model.manifest import ModelManifest
+from db import federation as repo
+from db.fed_models import FedGeneration, GenerationState
+from federation.config import FederationConfig
+from federation.gate import Gate, Scores, make_gate, score_state
+from federation.registry import (
+    generation_manifest,
+    load_weights,
+    store_generation_manifest,
+    store_weights,
+)
+from federation.storage import ArtifactStore
+from federation.strategies import BufferedUpdate, Strategy, make_strategy
+from federation.validation import ValidationCase
+
+__all__ = ["AggregationOutcome", "Aggregator", "make_gate_for", "make_strategy_for"]
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AggregationOutcome:
+    """What one aggregation did (also logged)."""
+
+    model: str
+    candidate_id: int
+    promoted: bool
+    number: int | None
+    reason: str
+    update_ids: tuple[str, ...]
+    scores: Scores
+    seconds: float
+    refused: tuple[str, ...] = field(default=())
+
+
+def make_strategy_for(config: FederationConfig, name: str) -> Strategy:
+    """Strategy ``name`` with the configured options.
+
+    FedBuff is wrapped in norm clipping when ``clip_norm`` is set; Dafne's rule stays as
+    Dafne has it (no clipping), since it is the baseline our strategy is compared with.
+    """
+    if name == "dafne":
+        return make_strategy(name)
+    return make_strategy(name, max_norm=config.aggregation.clip_norm,
+                         server_lr=config.aggregation.server_lr)
+
+
+def make_gate_for(config: FederationConfig, strategy: str) -> Gate:
+    """The configured promotion rule, or the one that goes with ``strategy``."""
+    if config.gate_rule_for(strategy) == "absolute":
+        return make_gate("absolute", min_dice=config.gate.min_dice)
+    return make_gate("relative", max_mean_drop=config.gate.max_mean_drop,
+                     max_site_drop=config.gate.max_site_drop)
+
+
+def default_owner() -> str:
+    """A worker's name in leases: host, process and a random part (unique per process)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Aggregator:
+    """Builds, gates and records candidate generations for every model that is due.
+
+    Parameters
+    ----------
+    config:
+        The server configuration (aggregation and gate sections).
+    sessions:
+        Session factory of the federation database.
+    store:
+        Artifact store (weights, updates, manifests).
+    signing_key:
+        The server's Ed25519 key; every promoted manifest is signed with it.
+    validation:
+        The validation cases the gate scores on.
+    clock:
+        Returns the current UTC time (tests pass a controlled one).
+    """
+
+    def __init__(self, config: FederationConfig, sessions: sessionmaker[Session],
+                 store: ArtifactStore, signing_key: Ed25519PrivateKey,
+                 validation: list[ValidationCase], *, owner: str | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        if not validation:
+            raise ValueError("the gate needs at least one validation case")
+        self._config = config
+        self._sessions = sessions
+        self._store = store
+        self._key = signing_key
+        self._validation = validation
+        self._owner = owner or default_owner()
+        self._clock = clock
+
+    def run(self, stop: threading.Event) -> None:
+        """Aggregate whatever is due every ``check_every_s`` until ``stop`` is set."""
+        LOGGER.info("aggregation worker %s: K=%d, flush after %.0f s",
+                    self._owner, self._config.aggregation.buffer_size,
+                    self._config.aggregation.flush_interval_s)
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # a bad round must not stop the worker; it is logged
+                LOGGER.exception("aggregation failed; retrying in %.0f s",
+                                 self._config.aggregation.check_every_s)
+            stop.wait(self._config.aggregation.check_every_s)
+
+    def tick(self, *, force: bool = False) -> list[AggregationOutcome]:
+        """Aggregate every model that is due (``force``: every model with waiting updates)."""
+        with self._sessions() as session:
+            names = [m.name for m in repo.list_models(session)]
+        outcomes = []
+        for name in names:
+            outcome = self.aggregate(name, force=force)
+            if outcome is not None:
+                outcomes.append(outcome)
+        return outcomes
+
+    def _due(self, session: Session, model_name: str, force: bool) -> bool:
+        count, oldest = repo.pending_summary(session, model_name)
+        if count == 0:
+            return False
+        if force or count >= self._config.aggregation.buffer_size:
+            return True
+        flush = timedelta(seconds=self._config.aggregation.flush_interval_s)
+        return oldest is not None and self._clock() - oldest >= flush
+
+    def aggregate(self, model_name: str, *, force: bool = False) -> AggregationOutcome | None:
+        """One aggregation of ``model_name`` if it is due and this worker gets the lease."""
+        with self._sessions() as session, session.begin():
+            if not self._due(session, model_name, force):
+                return None
+            if not repo.acquire_lease(session, model_name, self._owner,
+                                      self._config.aggregation.lease_s, self._clock()):
+                LOGGER.debug("model %s is being aggregated by another worker", model_name)
+                return None
+        try:
+            return self._aggregate_locked(model_name, force)
+        finally:
+            with self._sessions() as session, session.begin():
+                repo.release_lease(session, model_name, self._owner)
+
+    def _aggregate_locked(self, model_name: str, force: bool) -> AggregationOutcome | None:
+        started = time.perf_counter()
+        with self._sessions() as session, session.begin():
+            if not self._due(session, model_name, force):  # another worker just did it
+                return None
+            model = repo.get_model(session, model_name)
+            current = repo.latest_generation(session, model_name)
+            if model is None or current is None or current.number is None:
+                raise RuntimeError(f"model {model_name!r} has no promoted generation")
+            seed = ModelManifest.model_validate(model.manifest)
+            model_strategy = model.strategy
+            strategy = make_strategy_for(self._config, model_strategy)
+            gate = make_gate_for(self._config, model_strategy)
+            current_number, current_id = current.number, current.id
+            current_key, current_sha = current.weights_key, current.sha256
+            current_scores = Scores.from_json(current.validation) if current.validation \
+                else None
+            waiting = [(u.id, u.artifact_key, u.base_generation, u.num_samples)
+                       for u in repo.pending_updates(session, model_name,
+                                                     self._config.aggregation.max_buffer)]
+        state = load_weights(self._store, current_key, current_sha)
+        if current_scores is None:
+            current_scores = self._score_current(seed, current_id, state)
+        updates, refused = self._load_updates(model_name, waiting)
+        if not updates:
+            return None
+        bases: dict[int, Mapping[str, torch.Tensor]] = {current_number: state}
+        result = strategy.aggregate(state, current_number, updates,
+                                          lambda n: self._base_weights(model_name, n, bases))
+        stored = store_weights(self._store, f"models/{model_name}/candidates/"
+                                            f"{uuid.uuid4().hex}.safetensors", result.state)
+        scores = score_state(seed, result.state, self._validation,
+                             threads=self._config.gate.threads)
+        decision = gate.decide(current_scores, scores)
+        ids = [u.update_id for u in updates]
+        clipped = set(result.notes.get("clipped", []))
+        with self._sessions() as session, session.begin():
+            candidate = repo.add_generation(
+                session, model_name=model_name, state=GenerationState.CANDIDATE, number=None,
+                parent_number=current_number, strategy=model_strategy,
+                weights_key=stored.key, sha256=stored.sha256, size_bytes=stored.size_bytes)
+            assigned = repo.assign_updates(session, ids, candidate)
+            if assigned != len(ids):
+                raise RuntimeError(f"only {assigned} of {len(ids)} updates were still pending; "
+                                   "another aggregator ran: this candidate is dropped")
+            for update in candidate.updates:
+                update.clipped = update.id in clipped
+            number = current_number + 1 if decision.promote else None
+            if number is not None:
+                manifest = generation_manifest(seed, number, stored)
+                artifacts = store_generation_manifest(self._store, self._key, model_name,
+                                                      manifest)
+                repo.promote(session, candidate, number=number,
+                             manifest_key=artifacts.manifest_key,
+                             signature=artifacts.signature, validation=scores.to_json(),
+                             reason=decision.reason)
+            else:
+                repo.reject(session, candidate, validation=scores.to_json(),
+                            reason=decision.reason)
+            candidate_id = candidate.id
+        outcome = AggregationOutcome(
+            model=model_name, candidate_id=candidate_id, promoted=decision.promote,
+            number=number, reason=decision.reason, update_ids=tuple(ids), scores=scores,
+            seconds=time.perf_counter() - started, refused=tuple(refused))
+        LOGGER.info("model %s: candidate %d from %d updates %s: %s (mean Dice %.4f) in %.1f s",
+                    model_name, candidate_id, len(ids),
+                    f"promoted to generation {number}" if number else "rejected",
+                    decision.reason, scores.mean, outcome.seconds,
+                    extra={"model": model_name, "candidate": candidate_id,
+                           "generation": number, "updates": ids})
+        return outcome
+
+    def _score_current(self, seed: ModelManifest, generation_id: int,
+                       state: Mapping[str, torch.Tensor]) -> Scores:
+        """Score the current generation once (the seed is scored on first aggregation)."""
+        scores = score_state(seed, state, self._validation, threads=self._config.gate.threads)
+        with self._sessions() as session, session.begin():
+            generation = session.get(FedGeneration, generation_id)
+            if generation is not None and generation.validation is None:
+                generation.validation = scores.to_json()
+        return scores
+
+    def _load_updates(self, model_name: str,
+                      waiting: list[tuple[str, str | None, int | None, int]]
+                      ) -> tuple[list[BufferedUpdate], list[str]]:
+        """Decode the waiting updates; one whose artifact is unreadable is refused, not lost."""
+        updates: list[BufferedUpdate] = []
+        refused: list[str] = []
+        for update_id, key, base, samples in waiting:
+            try:
+                if key is None or base is None:
+                    raise UpdateFormatError("the update has no stored artifact")
+                decoded = decode_update(self._store.get(key))
+            except (UpdateFormatError, KeyError, OSError) as exc:
+                reason = f"stored update unreadable at aggregation: {exc}"
+                LOGGER.error("model %s: update %s refused: %s", model_name, update_id, reason)
+                with self._sessions() as session, session.begin():
+                    repo.refuse_update(session, update_id, reason)
+                refused.append(update_id)
+                continue
+            updates.append(BufferedUpdate(update_id=update_id, delta=decoded.tensors,
+                                          base_generation=base, num_samples=samples))
+        return updates, refused
+
+    def _base_weights(self, model_name: str, number: int,
+                      cache: dict[int, Mapping[str, torch.Tensor]]
+                      ) -> Mapping[str, torch.Tensor]:
+        if number not in cache:
+            with self._sessions() as session:
+                generation = repo.get_generation(session, model_name, number)
+                if generation is None:
+                    raise RuntimeError(f"generation {number} of {model_name!r} is gone")
+                key, sha = generation.weights_key, generation.sha256
+            cache[number] = load_weights(self._store, key, sha)
+        return cache[number]
+
+

@@ -1,0 +1,201 @@
+"""Aggregation: buffered updates become promoted or rejected generations, exactly once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
+
+from dafne_node.learning.update import decode_update
+from dafne_node.model.manifest import ModelManifest
+from dafne_node.model.signature import parse_public_key, verify_signature
+from db import federation as repo
+from db.session import make_engine, make_session_factory
+from federation.aggregate import staleness_weight
+from federation.app import create_app
+from federation.signing import load_signing_key
+from federation.storage import open_store
+from federation.validation import load_validation_set
+from federation.worker import Aggregator
+from tests.federation.server import BaseModel, FederationSetup, bundled_model, make_update, set_up
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def base() -> BaseModel:
+    return bundled_model()
+
+
+def _setup(tmp_path: Path, strategy: str | None = None, **aggregation: object
+           ) -> FederationSetup:
+    sections = {"aggregation": {"buffer_size": 2, "flush_interval_s": 600.0, **aggregation}}
+    return set_up(tmp_path, sections=sections, nodes=("hospital-a", "hospital-b", "hospital-c"),
+                  strategy=strategy)
+
+
+def _aggregator(setup: FederationSetup, clock: Clock, owner: str = "w1") -> Aggregator:
+    config = setup.config
+    return Aggregator(config, make_session_factory(make_engine(config.database_url)),
+                      open_store(config.storage_location), load_signing_key(config.key_file),
+                      load_validation_set(config.validation_dir), owner=owner, clock=clock)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> FederationSetup:
+    return _setup(tmp_path)
+
+
+@pytest.fixture
+def client(setup: FederationSetup) -> Iterator[TestClient]:
+    with TestClient(create_app(setup.config)) as test_client:
+        yield test_client
+
+
+def _push(client: TestClient, setup: FederationSetup, node: str, body: bytes, key: str) -> str:
+    answer = client.post("/v1/models/leg/updates", content=body,
+                         headers={"Authorization": f"Bearer {setup.tokens[node]}",
+                                  "Idempotency-Key": key})
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["id"])
+
+
+def _generation_state(client: TestClient, setup: FederationSetup, number: int
+                      ) -> dict[str, torch.Tensor]:
+    headers = {"Authorization": f"Bearer {setup.tokens['hospital-a']}"}
+    return load_safetensors(client.get(f"/v1/models/leg/generations/{number}/weights",
+                                       headers=headers).content)
+
+
+def test_two_updates_make_a_signed_generation_weighted_by_samples(
+        setup: FederationSetup, client: TestClient, base: BaseModel) -> None:
+    clock = Clock()
+    worker = _aggregator(setup, clock)
+    bodies = [make_update(base, seed=1, num_samples=3), make_update(base, seed=2, num_samples=1)]
+    ids = [_push(client, setup, "hospital-a", bodies[0], "a1")]
+    assert worker.tick() == []  # K=2: one update waits
+    ids.append(_push(client, setup, "hospital-b", bodies[1], "b1"))
+    (outcome,) = worker.tick()
+    assert outcome.promoted and outcome.number == 2, outcome.reason
+    assert set(outcome.update_ids) == set(ids)
+
+    deltas = [decode_update(body).tensors for body in bodies]
+    new = _generation_state(client, setup, 2)
+    for name, weight in base.state.items():
+        expected = weight + 0.75 * deltas[0][name] + 0.25 * deltas[1][name]
+        torch.testing.assert_close(new[name], expected, rtol=0, atol=1e-6)
+
+    headers = {"Authorization": f"Bearer {setup.tokens['hospital-b']}"}
+    latest = client.get("/v1/models/leg/generations/latest", headers=headers).json()
+    assert latest["number"] == 2 and latest["parent"] == 1
+    manifest = client.get(latest["manifest_url"], headers=headers)
+    verify_signature(parse_public_key(setup.public_key), manifest.content,
+                     manifest.headers["Dafne-Signature"])
+    assert ModelManifest.model_validate_json(manifest.content).generation == 2
+    for update_id in ids:
+        state = client.get(f"/v1/updates/{update_id}",
+                           headers={"Authorization": f"Bearer {setup.admin_token}"}).json()
+        assert state["state"] == "applied" and state["generation"] == 2
+    history = client.get("/v1/models/leg/generations", headers=headers).json()
+    assert [(g["number"], g["state"]) for g in history] == [(1, "promoted"), (2, "promoted")]
+    assert set(history[1]["updates"]) == set(ids)
+    assert history[0]["validation"]["sites"]["A"] > 0.9  # the seed was scored as the baseline
+
+
+HEAD = "head.weight"
+
+
+def _wreck(base: BaseModel) -> dict[str, torch.Tensor]:
+    """A delta that turns the classifier around (-3x its weights): small norm, big damage."""
+    delta = {k: torch.zeros_like(v, dtype=torch.float16) for k, v in base.state.items()}
+    delta[HEAD] = (-3 * base.state[HEAD]).to(torch.float16)
+    return delta
+
+
+def test_a_candidate_that_loses_validation_dice_is_rejected_and_kept(
+        setup: FederationSetup, client: TestClient, base: BaseModel) -> None:
+    worker = _aggregator(setup, Clock())
+    ids = [_push(client, setup, "hospital-a", make_update(base, _wreck(base)), "wreck"),
+           _push(client, setup, "hospital-b", make_update(base, seed=3), "fine")]
+    (outcome,) = worker.tick()
+    assert not outcome.promoted and outcome.number is None
+    assert "Dice" in outcome.reason
+    admin = {"Authorization": f"Bearer {setup.admin_token}"}
+    latest = client.get("/v1/models/leg/generations/latest", headers=admin).json()
+    assert latest["number"] == 1
+    history = client.get("/v1/models/leg/generations", headers=admin).json()
+    rejected = history[-1]
+    assert rejected["state"] == "rejected" and rejected["number"] is None
+    assert rejected["reason"] == outcome.reason and set(rejected["updates"]) == set(ids)
+    assert rejected["validation"]["mean"] < history[0]["validation"]["mean"]
+    for update_id in ids:
+        assert client.get(f"/v1/updates/{update_id}", headers=admin).json()["state"] \
+            == "rejected"
+    status = client.get("/v1/admin/status", headers=admin).json()["models"][0]
+    assert status["pending"] == 0 and status["rejected"][0]["reason"] == outcome.reason
+
+
+def test_dafne_rule_promotes_what_the_relative_gate_rejects(tmp_path: Path,
+                                                            base: BaseModel) -> None:
+    setup = _setup(tmp_path, strategy="dafne", buffer_size=1)
+    worker = _aggregator(setup, Clock())
+    with TestClient(create_app(setup.config)) as client:
+        _push(client, setup, "hospital-a", make_update(base, _wreck(base)), "wreck")
+        (outcome,) = worker.tick()
+        # Dafne's threshold rejects nothing, not even a model whose Dice collapsed
+        assert outcome.promoted and outcome.number == 2, outcome.reason
+        assert outcome.scores.sites["A"] < 0.5
+        new = _generation_state(client, setup, 2)
+    # Dafne's merge: 0.5 * latest + 0.5 * (base + delta) = -0.5 * head
+    torch.testing.assert_close(new[HEAD], -0.5 * base.state[HEAD], rtol=0, atol=2e-3)
+
+
+def test_a_stale_update_counts_less_and_a_lone_update_is_flushed_in_time(
+        setup: FederationSetup, client: TestClient, base: BaseModel) -> None:
+    clock = Clock()
+    worker = _aggregator(setup, clock)
+    _push(client, setup, "hospital-a", make_update(base, seed=4), "a")
+    _push(client, setup, "hospital-b", make_update(base, seed=5), "b")
+    (first,) = worker.tick()
+    assert first.promoted, first.reason
+    headers = {"Authorization": f"Bearer {setup.tokens['hospital-c']}"}
+    gen2 = client.get("/v1/models/leg/generations/latest", headers=headers).json()
+    current = make_update(base, seed=6, base_generation=2, base_sha256=gen2["sha256"])
+    stale = make_update(base, seed=7, base_generation=1)
+    _push(client, setup, "hospital-c", stale, "stale")
+    assert worker.tick() == []  # one waits, K=2, flush interval not reached
+    clock.now = datetime.now(UTC) + timedelta(seconds=601)
+    (flushed,) = worker.tick()
+    assert flushed.promoted and len(flushed.update_ids) == 1, flushed.reason
+    # staleness weight of an update against generation 1 applied to generation 2
+    assert staleness_weight(2, 1) == pytest.approx(2 ** -0.5)
+    _push(client, setup, "hospital-a", current, "current")
+    assert worker.tick() == []
+
+
+def test_only_one_worker_aggregates_a_model_at_a_time(setup: FederationSetup,
+                                                      client: TestClient,
+                                                      base: BaseModel) -> None:
+    clock = Clock()
+    first, second = _aggregator(setup, clock, "w1"), _aggregator(setup, clock, "w2")
+    _push(client, setup, "hospital-a", make_update(base, seed=8), "a")
+    _push(client, setup, "hospital-b", make_update(base, seed=9), "b")
+    sessions = make_session_factory(make_engine(setup.config.database_url))
+    with sessions() as session, session.begin():
+        assert repo.acquire_lease(session, "leg", "w1", 900, clock())
+    assert second.tick() == []  # w1 holds the lease
+    clock.now += timedelta(seconds=901)  # w1 died: its lease runs out
+    (outcome,) = second.tick()
+    assert outcome.promoted
+    assert first.tick() == []  # nothing left, nothing applied twice
