@@ -23,9 +23,16 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -221,6 +228,75 @@ class TrainingSection(_Section):
     """How often the trainer looks for an open window and waiting examples."""
 
 
+class FederationSection(_Section):
+    """The federation server this node shares weight deltas with and pulls generations from.
+
+    Off unless ``url`` is set. Then the node needs its token (``token``, or ``token_file``
+    read at each use, so IT can rotate it without a restart) and the server's Ed25519
+    public key, which is the only key a pulled generation is verified with: a key offered
+    by the server itself would prove nothing.
+    """
+
+    url: str | None = None
+    """Base URL of the federation API (``https://federation.example.org``); none: off."""
+    model: str = Field(default="leg", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    """The federation's name of the model this node trains and pulls."""
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    public_key: str | None = None
+    """``ed25519:<base64>`` as printed by ``dafne-federation init``, or a PEM file path."""
+    poll_interval_s: float = Field(default=300.0, ge=0.5, le=86400)
+    ca_file: Path | None = None
+    """CA bundle for the server's certificate; the system's CAs when unset."""
+    verify_tls: bool = True
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    upload_encoding: Literal["fp16", "int8", "topk-int8"] = "topk-int8"
+    upload_density: float = Field(default=0.1, gt=0, le=1)
+    """Share of each large tensor's entries a ``topk-int8`` upload keeps."""
+    retry_initial_s: float = Field(default=5.0, gt=0)
+    retry_max_s: float = Field(default=900.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the node federates."""
+        return self.url is not None
+
+    def bearer_token(self) -> str:
+        """The node's token: ``token``, or the content of ``token_file`` read now.
+
+        Raises
+        ------
+        ConfigError
+            If neither is set, or the file is missing, unreadable or empty.
+        """
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is None:
+            raise ConfigError("federation.token: required when federation.url is set "
+                              "(or federation.token_file)")
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise ConfigError(f"federation.token_file: {self.token_file}: no such file"
+                              ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"federation.token_file: {self.token_file}: cannot be read "
+                              f"({exc})") from None
+        if not token:
+            raise ConfigError(f"federation.token_file: {self.token_file} is empty")
+        return token
+
+
 @dataclass(frozen=True)
 class _Sources:
     """Where one :func:`load_config` call reads from (the environment may be a test's)."""
@@ -300,6 +376,7 @@ class NodeConfig(BaseSettings):
     corrections: CorrectionsSection = CorrectionsSection()
     training: TrainingSection = TrainingSection()
     retention: RetentionSection = RetentionSection()
+    federation: FederationSection = FederationSection()
 
     @property
     def database_url(self) -> str:
@@ -386,6 +463,7 @@ def load_config(
     finally:
         _SOURCES.reset(token)
     _check_references(config, source)
+    _check_federation(config.federation, source)
     return config
 
 
@@ -398,6 +476,31 @@ def _check_references(config: NodeConfig, source: str) -> None:
     for key, name in wanted:
         if name not in names:
             raise ConfigError(f"{source}: {key}: no destination named {name!r}")
+
+
+def _check_federation(federation: FederationSection, source: str) -> None:
+    """With a URL, the node needs one token source and a readable public key."""
+    if not federation.enabled:
+        return
+    if federation.token is not None and federation.token_file is not None:
+        raise ConfigError(f"{source}: federation.token_file: give federation.token or "
+                          "federation.token_file, not both")
+    try:
+        federation.bearer_token()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if federation.public_key is None or not federation.public_key.strip():
+        raise ConfigError(f"{source}: federation.public_key: required when federation.url is "
+                          "set (the server's key, as printed by `dafne-federation init`)")
+    # Imported here: the key check needs cryptography, only federating nodes pay for it.
+    from dafne_node.model.signature import PublicKeyError, parse_public_key  # noqa: PLC0415
+
+    try:
+        parse_public_key(federation.public_key)
+    except PublicKeyError as exc:
+        raise ConfigError(f"{source}: federation.public_key: {exc}") from None
+    if federation.ca_file is not None and not federation.ca_file.is_file():
+        raise ConfigError(f"{source}: federation.ca_file: {federation.ca_file}: no such file")
 
 
 def _set(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:

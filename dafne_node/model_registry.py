@@ -8,6 +8,7 @@ federation later becomes active with one row change.
 from __future__ import annotations
 
 import logging
+import re
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -17,6 +18,9 @@ from db.base import dialect_insert, utcnow
 from db.node_models import Model
 
 LOGGER = logging.getLogger(__name__)
+
+FEDERATION_SOURCE = "federation"
+"""``models.source`` of a root generation pulled from the federation server."""
 
 
 def register_active_model(
@@ -54,6 +58,16 @@ def register_active_model(
         row.activated_at = utcnow()
     session.flush()
     return row
+
+
+def model_dir_name(name: str, generation: int, local_round: int = 0) -> str:
+    """The folder of a model under ``data_dir/models``: ``dafne-leg-g2``, ``dafne-leg-g2-local1``.
+
+    One rule for the trainer's local models and the generations pulled from the federation,
+    so that a root generation and the local rounds on top of it sort together.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
+    return f"{slug}-{version_label(generation, local_round)}"
 
 
 def version_label(generation: int, local_round: int) -> str:

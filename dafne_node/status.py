@@ -16,6 +16,7 @@ report the same numbers.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -26,14 +27,18 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from dafne_node.config import FederationSection
 from dafne_node.learning.windows import TrainingWindow, next_opening, open_window
 from dafne_node.model_registry import active_model, version_label
 from db.base import utcnow
 from db.corrections import correction_counts, list_corrections, new_example_count
+from db.federation_sync import upload_counts
 from db.jobs import active_job
 from db.node_models import (
     Correction,
     CorrectionState,
+    FederationSync,
+    FederationUpload,
     Instance,
     Job,
     JobKind,
@@ -43,6 +48,7 @@ from db.node_models import (
     Series,
     SeriesState,
     Study,
+    UploadState,
 )
 from db.repository import count_instances
 
@@ -50,6 +56,8 @@ __all__ = [
     "CorrectionItem",
     "DestinationOutbox",
     "FailedJob",
+    "FederationStatus",
+    "FederationUploadItem",
     "ModelInfo",
     "NodeStatus",
     "OutboxStatus",
@@ -66,6 +74,7 @@ __all__ = [
     "count_series",
     "format_corrections",
     "format_status",
+    "upload_counts",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -192,6 +201,45 @@ def correction_items(session: Session, *, limit: int = 100,
     return [CorrectionItem.from_row(row) for row in rows]
 
 
+class FederationUploadItem(BaseModel):
+    """The newest weight delta queued for the federation and how its upload went."""
+
+    id: int
+    state: str = Field(description="pending, sent or refused")
+    base_generation: int
+    local_round: int
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime | None = Field(
+        default=None, description="when a pending upload is tried again")
+    sent_at: datetime | None = None
+    server_update_id: str | None = None
+    server_state: str | None = None
+    last_error: str | None = None
+
+
+class FederationStatus(BaseModel):
+    """Where the node stands with the federation server: the pull and the uploads."""
+
+    enabled: bool = Field(description="whether [federation] url is set")
+    url: str | None = None
+    model: str | None = Field(default=None, description="the federation's model name")
+    generation_in_use: int | None = Field(
+        default=None, description="root generation of the model in use")
+    generation_pulled: int | None = Field(
+        default=None, description="newest generation pulled from the federation")
+    last_poll_at: datetime | None = None
+    last_success_at: datetime | None = None
+    last_error: str | None = None
+    uploads: dict[str, int] = Field(
+        default_factory=dict, description="uploads by state (every state present)")
+    last_upload: FederationUploadItem | None = None
+    refused_generation: int | None = Field(
+        default=None, description="the last generation that failed verification")
+    refused_reason: str | None = None
+    refused_at: datetime | None = None
+
+
 class NodeStatus(BaseModel):
     """A snapshot of the node, as served at ``/status`` and printed by ``dafne-node status``."""
 
@@ -210,6 +258,8 @@ class NodeStatus(BaseModel):
         default_factory=dict, description="bytes used by the spool, examples, models, results")
     skipped_series: list[SkippedSeries] = Field(default_factory=list)
     failed_jobs: list[FailedJob] = Field(default_factory=list)
+    federation: FederationStatus = Field(
+        default_factory=lambda: FederationStatus(enabled=False))
 
 
 # -- counts (shared with the Prometheus collector) ---------------------------------------
@@ -380,6 +430,7 @@ def collect_status(
     recent: int = DEFAULT_RECENT,
     windows: Sequence[TrainingWindow] = (),
     data_dir: Path | None = None,
+    federation: FederationSection | None = None,
 ) -> NodeStatus:
     """Take a snapshot of the node from its database.
 
@@ -398,6 +449,8 @@ def collect_status(
         The node's training windows, for the open and the next one.
     data_dir : Path, optional
         The node's data directory, to report the disk it uses.
+    federation : FederationSection, optional
+        The node's ``[federation]`` settings (off when not given).
 
     Raises
     ------
@@ -438,6 +491,8 @@ def collect_status(
         disk_bytes=_disk_use(session, data_dir) if data_dir is not None else {},
         skipped_series=_recent_skipped(session, recent) if recent else [],
         failed_jobs=_recent_failed(session, recent) if recent else [],
+        federation=_federation_status(session, federation, active.generation
+                                      if active is not None else model_generation),
     )
 
 
@@ -471,6 +526,39 @@ def _training_status(session: Session, windows: Sequence[TrainingWindow], now: d
         current_note=current.error if current else None,
         last_run=last_run,
     )
+
+
+def _federation_status(session: Session, federation: FederationSection | None,
+                       generation: int) -> FederationStatus:
+    """The sync's state; three short queries, none for a node that does not federate."""
+    if federation is None or federation.url is None:
+        return FederationStatus(enabled=False)
+    newest = session.scalars(
+        select(FederationUpload).order_by(FederationUpload.id.desc()).limit(1)).first()
+    last_upload = None
+    if newest is not None:
+        last_upload = FederationUploadItem(
+            id=newest.id, state=newest.state.value, base_generation=newest.base_generation,
+            local_round=newest.local_round, attempts=newest.attempts,
+            created_at=newest.created_at,
+            next_attempt_at=(newest.next_attempt_at
+                             if newest.state == UploadState.PENDING else None),
+            sent_at=newest.sent_at, server_update_id=newest.server_update_id,
+            server_state=newest.server_state, last_error=newest.last_error)
+    status = FederationStatus(
+        enabled=True, url=re.sub(r"//[^/@]*@", "//", federation.url),  # no credentials
+        model=federation.model, generation_in_use=generation, uploads=upload_counts(session),
+        last_upload=last_upload)
+    sync = session.get(FederationSync, federation.model)
+    if sync is not None:
+        status.generation_pulled = sync.generation_pulled
+        status.last_poll_at = sync.last_poll_at
+        status.last_success_at = sync.last_success_at
+        status.last_error = sync.last_error
+        status.refused_generation = sync.refused_generation
+        status.refused_reason = sync.refused_reason
+        status.refused_at = sync.refused_at
+    return status
 
 
 def _disk_use(session: Session, data_dir: Path) -> dict[str, int]:
@@ -557,6 +645,53 @@ def _training_lines(training: TrainingStatus, now: datetime) -> list[str]:
     return lines
 
 
+def _federation_lines(federation: FederationStatus, now: datetime) -> list[str]:
+    if not federation.enabled:
+        return ["Federation: off"]
+    pulled = (f", pulled g{federation.generation_pulled}"
+              if federation.generation_pulled is not None else "")
+    lines = [
+        f"Federation: {federation.url}, model {federation.model}; generation in use "
+        f"g{federation.generation_in_use}{pulled}",
+        f"            last poll {_ago(federation.last_poll_at, now)}, last success "
+        f"{_since(federation.last_success_at, now) if federation.last_success_at else 'never'}",
+        f"            uploads: {_counts(federation.uploads)}",
+    ]
+    upload = federation.last_upload
+    if upload is not None:
+        detail = {
+            "sent": f"sent {_since(upload.sent_at, now)}" if upload.sent_at else "sent",
+            "pending": f"pending after {upload.attempts} attempt(s)",
+            "refused": "refused",
+        }.get(upload.state, upload.state)
+        server = f", server id {upload.server_update_id}" if upload.server_update_id else ""
+        lines.append(f"            last upload #{upload.id} (g{upload.base_generation}-local"
+                     f"{upload.local_round}): {detail}{server}")
+        if upload.last_error:
+            lines.append(f"              {_one_line(upload.last_error)}")
+    if federation.last_error:
+        lines.append(f"            last error: {_one_line(federation.last_error)}")
+    if federation.refused_generation is not None:
+        lines.append(f"            refused generation {federation.refused_generation}: "
+                     f"{_one_line(federation.refused_reason)}")
+    return lines
+
+
+def _federation_attention(federation: FederationStatus) -> list[str]:
+    items = []
+    refused = federation.uploads.get("refused", 0)
+    if refused:
+        items.append(f"{refused} weight delta(s) refused by the federation server: reasons "
+                     "in the server's answers (logged)")
+    in_use = federation.generation_in_use or 0
+    if federation.refused_generation is not None and federation.refused_generation > in_use:
+        items.append(f"generation {federation.refused_generation} from the federation was "
+                     "refused (the model in use was kept): see Federation above")
+    elif federation.enabled and federation.last_error:
+        items.append("the federation sync failed last time: see Federation above")
+    return items
+
+
 def format_status(status: NodeStatus, *, active_window: timedelta = timedelta(minutes=5)) -> str:
     """Render a status for a terminal: the answers first, the details after.
 
@@ -594,6 +729,7 @@ def format_status(status: NodeStatus, *, active_window: timedelta = timedelta(mi
     lines.append(f"Outbox:    {_counts(status.outbox.states)}")
     lines.append(f"Corrections: {_counts(status.corrections)}")
     lines.extend(_training_lines(status.training, now))
+    lines.extend(_federation_lines(status.federation, now))
     if status.disk_bytes:
         lines.append("Disk:      " + "  ".join(
             f"{name} {_size(size)}" for name, size in status.disk_bytes.items()))
@@ -614,6 +750,7 @@ def format_status(status: NodeStatus, *, active_window: timedelta = timedelta(mi
     skipped = status.series.get(SeriesState.SKIPPED.value, 0)
     if skipped:
         attention.append(f"{skipped} series skipped (not segmented): reasons below")
+    attention.extend(_federation_attention(status.federation))
     lines.append("")
     if attention:
         lines.append("Needs attention:")

@@ -9,6 +9,8 @@ The loop of the design maps onto these tables::
     generations on disk and which one is active.
     SEG from a viewer -> jobs (kind correction) -> corrections (one row per SEG instance:
             confirmed | queued -> trained | superseded, or unusable | rejected with a reason)
+    accepted training run -> federation_uploads (one row per weight delta: pending -> sent
+            | refused); federation_sync keeps the sync client's state per federation model
 
 States and kinds are stored as short strings (no database enum or CHECK), so adding a job
 kind or state later needs no migration; the Python enums below are the vocabulary.
@@ -42,6 +44,8 @@ __all__ = [
     "JOB_TRANSITIONS",
     "Correction",
     "CorrectionState",
+    "FederationSync",
+    "FederationUpload",
     "Instance",
     "Job",
     "JobKind",
@@ -54,6 +58,7 @@ __all__ = [
     "Series",
     "SeriesState",
     "Study",
+    "UploadState",
 ]
 
 UID = String(64)  # DICOM UI: at most 64 characters
@@ -420,4 +425,73 @@ class NodeState(NodeBase):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UploadState(StrEnum):
+    """Where a weight delta is on its way to the federation server."""
+
+    PENDING = "pending"
+    """Waiting to be sent, or to be sent again after ``next_attempt_at``."""
+    SENT = "sent"
+    """The server took it (HTTP 202); ``server_update_id`` names it there."""
+    REFUSED = "refused"
+    """The server refused it for good (a 4xx answer a resend cannot change), or it could
+    not be encoded; ``last_error`` says why. Never sent again."""
+
+
+class FederationUpload(_Timestamps, NodeBase):
+    """One weight delta of an accepted training run, to upload to the federation server.
+
+    ``idempotency_key`` is fixed when the row is made and sent with every attempt, and the
+    encoded bytes are kept at ``payload_path`` after the first encoding, so a resend after
+    a lost answer or a crash is the same request and the server records the update once.
+    """
+
+    __tablename__ = "federation_uploads"
+    __table_args__ = (Index("ix_federation_uploads_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[UploadState] = mapped_column(_str_enum(UploadState),
+                                               default=UploadState.PENDING)
+    delta_path: Mapped[str] = mapped_column(Text)
+    """The fp16 delta file the training run wrote."""
+    payload_path: Mapped[str | None] = mapped_column(Text)
+    """The encoded update, once encoded (the bytes every attempt sends)."""
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    base_generation: Mapped[int] = mapped_column(Integer)
+    local_round: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    server_update_id: Mapped[str | None] = mapped_column(String(64))
+    server_state: Mapped[str | None] = mapped_column(String(16))
+    sent_at: Mapped[datetime | None] = mapped_column()
+
+
+class FederationSync(NodeBase):
+    """The sync client's state for one federation model (a node syncs one: one row).
+
+    A table of its own rather than a ``node_state`` JSON value: its times are compared
+    and shown, the lease is taken with one conditional UPDATE, and the columns say what
+    the client keeps.
+    """
+
+    __tablename__ = "federation_sync"
+
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The federation's model name (``leg``)."""
+    last_poll_at: Mapped[datetime | None] = mapped_column()
+    last_success_at: Mapped[datetime | None] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(String(256))
+    """The ETag of the latest generation handled (sent back as If-None-Match)."""
+    generation_pulled: Mapped[int | None] = mapped_column(Integer)
+    """The newest generation pulled, verified and installed."""
+    refused_generation: Mapped[int | None] = mapped_column(Integer)
+    refused_reason: Mapped[str | None] = mapped_column(Text)
+    refused_at: Mapped[datetime | None] = mapped_column()
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    """The process syncing now; another one waits until ``lease_until``."""
+    lease_until: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

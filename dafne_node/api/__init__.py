@@ -21,6 +21,7 @@ from dafne_node import __version__
 from dafne_node.api.deps import AppContext
 from dafne_node.api.routes import corrections, health, jobs, metrics, status
 from dafne_node.api.routes.metrics import NodeCollector
+from dafne_node.config import FederationSection
 from dafne_node.learning.windows import TrainingWindow
 
 __all__ = ["AppContext", "NodeCollector", "create_app"]
@@ -35,6 +36,7 @@ def create_app(
     ready: Callable[[], bool] | None = None,
     windows: Sequence[TrainingWindow] = (),
     data_dir: Path | None = None,
+    federation: FederationSection | None = None,
 ) -> FastAPI:
     """Build the admin API of one node.
 
@@ -52,6 +54,8 @@ def create_app(
         The node's training windows, shown by ``/status``.
     data_dir : Path, optional
         The node's data directory, whose disk use ``/status`` shows.
+    federation : FederationSection, optional
+        The node's ``[federation]`` settings, whose sync ``/status`` shows.
 
     Returns
     -------
@@ -72,6 +76,7 @@ def create_app(
         registry=registry,
         windows=tuple(windows),
         data_dir=data_dir,
+        federation=federation,
     )
     for module in (health, status, jobs, corrections, metrics):
         app.include_router(module.router)

@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
+from dafne_node.config import FederationSection
 from dafne_node.learning.windows import TrainingWindow
 from dafne_node.status import ModelInfo
 
@@ -50,6 +51,8 @@ class AppContext:
     """The node's training windows, for ``/status``."""
     data_dir: Path | None = None
     """The node's data directory, for the disk use in ``/status``."""
+    federation: FederationSection | None = None
+    """The node's ``[federation]`` settings, for ``/status``."""
 
 
 def get_context(request: Request) -> AppContext:

@@ -1,4 +1,4 @@
-"""The node process: receiver, assembler, job runner, outbox and admin API.
+"""The node process: receiver, assembler, job runner, outbox, federation sync and admin API.
 
 ``dafne-node serve`` runs every part of the node in one process, the embedded default, and
 the trainer (:mod:`dafne_node.app.trainer`) as a child process;
@@ -109,10 +109,17 @@ class Node:
         Run the Storage SCP (off for extra worker processes).
     http:
         Run the admin API.
+    trainer_command:
+        Start this command as the trainer process beside the node (``serve``).
+    sync:
+        Run the federation sync client when ``[federation]`` has a URL; by default in the
+        process that runs the receiver (``serve``), which shares the data directory with
+        the trainer's deltas, not in extra workers that may run on other hosts.
     """
 
     def __init__(self, config: NodeConfig, *, dicom: bool = True, http: bool = True,
-                 trainer_command: Sequence[str] | None = None) -> None:
+                 trainer_command: Sequence[str] | None = None,
+                 sync: bool | None = None) -> None:
         self.config = config
         self.worker_id = worker_identity(config.node.name)
         self.engine, self.sessions = open_database(config)
@@ -125,6 +132,7 @@ class Node:
         self._trainer = _ChildProcess("trainer", trainer_command) if trainer_command else None
         self._next_retention = 0.0
         self.models = ActiveModel(self.sessions, config)
+        self._sync = config.federation.enabled and (dicom if sync is None else sync)
 
     @property
     def model_info(self) -> tuple[str, int]:
@@ -154,6 +162,8 @@ class Node:
             loop.start()
         if self._http:
             self._start_http()
+        if self._sync:
+            self._start_sync()
         if self._trainer is not None:
             self._trainer.start()
         LOGGER.info("node %s started (model %s g%d)", self.worker_id, *self.model_info)
@@ -190,7 +200,8 @@ class Node:
         app = create_app(session_factory=self.sessions, model_info=lambda: self.model_info,
                          ready=lambda: not self._stop.is_set(),
                          windows=self.config.training.windows,
-                         data_dir=self.config.node.data_dir)
+                         data_dir=self.config.node.data_dir,
+                         federation=self.config.federation)
         server = uvicorn.Server(uvicorn.Config(
             app, host=self.config.http.host, port=self.config.http.port, log_level="warning",
             lifespan="off",
@@ -198,6 +209,17 @@ class Node:
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._http_server = server
         thread = threading.Thread(target=server.run, name="admin-api", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _start_sync(self) -> None:
+        """The federation sync client, in its own thread (it waits on the network)."""
+        # Imported here: only federating nodes need the HTTP client.
+        from dafne_node.learning.sync import SyncClient  # noqa: PLC0415
+
+        client = SyncClient(self.config, self.sessions, owner=self.worker_id)
+        thread = threading.Thread(target=client.run, args=(self._stop,),
+                                  name="federation-sync", daemon=True)
         thread.start()
         self._threads.append(thread)
 

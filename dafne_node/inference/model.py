@@ -14,12 +14,14 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import NodeConfig
 from dafne_node.inference.segmenter import SeriesSegmenter
 from dafne_node.model.manifest import ModelError, default_model_dir
-from dafne_node.model_registry import active_model, register_active_model
+from dafne_node.model_registry import FEDERATION_SOURCE, active_model, register_active_model
+from db.node_models import Model
 
 __all__ = ["ActiveModel"]
 
@@ -34,7 +36,8 @@ class ActiveModel:
 
     At start the configured root model (``model.dir`` or the bundled one) is verified and
     registered; a local model fine-tuned from that same root generation and active in the
-    database stays active across restarts when ``training.activate_local_model`` is on.
+    database stays active across restarts when ``training.activate_local_model`` is on,
+    and so does a newer generation pulled from the federation (or a local model of it).
 
     Parameters
     ----------
@@ -75,14 +78,11 @@ class ActiveModel:
         manifest = root.manifest
         with self._sessions() as session, session.begin():
             row = active_model(session, manifest.name)
-            keep_local = (self._config.training.activate_local_model and row is not None
-                          and row.local_round > 0 and row.generation == manifest.generation)
-            if keep_local and row is not None:
-                local = self._load(Path(row.path), row.sha256, keeping=manifest.version_label)
-                if local is not None:
-                    LOGGER.info("continuing with the local model %s",
-                                local.manifest.version_label)
-                    return local
+            if row is not None and self._keeps(session, row, manifest.generation):
+                kept = self._load(Path(row.path), row.sha256, keeping=manifest.version_label)
+                if kept is not None:
+                    LOGGER.info("continuing with the model %s", kept.manifest.version_label)
+                    return kept
             register_active_model(
                 session, name=manifest.name, generation=manifest.generation,
                 path=str(self.root_dir), sha256=manifest.weights.sha256,
@@ -90,6 +90,24 @@ class ActiveModel:
                 manifest=manifest.model_dump(mode="json"),
             )
         return root
+
+    def _keeps(self, session: Session, row: Model, root_generation: int) -> bool:
+        """Whether the active ``row`` stays active over the configured root at start.
+
+        A local model fine-tuned from the configured root does (when local models are
+        activated); so does a newer generation pulled from the federation, and a local model
+        fine-tuned from one: restarting must not fall back to an older root generation.
+        """
+        local_ok = row.local_round == 0 or self._config.training.activate_local_model
+        if row.generation == root_generation:
+            return row.local_round > 0 and local_ok
+        if row.generation < root_generation or not local_ok:
+            return False
+        source = row.source if row.local_round == 0 else session.scalar(
+            select(Model.source).where(Model.name == row.name,
+                                       Model.generation == row.generation,
+                                       Model.local_round == 0))
+        return source == FEDERATION_SOURCE
 
     def _follow_database(self) -> None:
         with self._sessions() as session:

@@ -13,14 +13,16 @@ segments: torch's thread pool is per process and training must not retune infere
   It yields to segmentation between steps, heart-beats its job, and stops at a step when
   the window closes (or on SIGTERM), keeping a checkpoint: the job waits, queued, for the
   next window and continues from there. An accepted run marks its examples trained,
-  registers the new local model with its weight delta for the federation sync, and, when
-  ``training.activate_local_model`` is on, makes it the node's model.
+  registers the new local model, queues its weight delta for the federation sync client
+  (in the same transaction, when ``[federation]`` is configured) and, when
+  ``training.activate_local_model`` is on, makes it the node's model. The delta is
+  against the root generation the run's model descends from: the registered root of that
+  generation (pulled from the federation, or the bundled or configured model).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -46,10 +48,11 @@ from dafne_node.learning.finetune import (
 from dafne_node.learning.windows import next_opening, open_window
 from dafne_node.model.manifest import default_model_dir, load_manifest
 from dafne_node.model.train import TrainingExample
-from dafne_node.model_registry import active_model, register_active_model
+from dafne_node.model_registry import active_model, model_dir_name, register_active_model
 from db import corrections as corrections_repository
 from db.base import dialect_insert, utcnow
 from db.corrections import new_example_count
+from db.federation_sync import enqueue_upload
 from db.jobs import active_job, claim_job, enqueue_job, heartbeat
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState, Model, NodeState
 
@@ -210,9 +213,10 @@ class TrainHandler:
             latest_round = session.scalar(
                 select(func.max(Model.local_round))
                 .where(Model.name == name, Model.generation == generation)) or 0
+            root_dir = self._root_of(session, name, generation)
         local_round = int(latest_round) + 1
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
-        out_dir = self._config.node.data_dir / "models" / f"{slug}-g{generation}-local{local_round}"
+        out_dir = self._config.node.data_dir / "models" / model_dir_name(name, generation,
+                                                                         local_round)
         beat = _Heartbeat(self._sessions, claimed)
 
         def should_stop() -> bool:
@@ -228,7 +232,7 @@ class TrainHandler:
             base_dir, self._load(selection.new), self._load(selection.replay),
             self._load(selection.heldout), finetune_settings(self._config),
             out_dir=out_dir, checkpoint_dir=self._config.node.data_dir / "training" / "checkpoint",
-            root_dir=self._root_dir if base_dir != self._root_dir else None,
+            root_dir=root_dir if base_dir != root_dir else None,
             local_round=local_round, should_stop=should_stop, between_steps=between_steps,
             progress=self._progress,
         )
@@ -239,6 +243,17 @@ class TrainHandler:
     @property
     def _root_dir(self) -> Path:
         return self._config.model.dir or default_model_dir()
+
+    def _root_of(self, session: Session, name: str, generation: int) -> Path:
+        """The root generation a model of ``name`` and ``generation`` descends from.
+
+        The delta must be against the weights the federation has for that generation: the
+        registered root (a generation pulled from the federation, or the configured or
+        bundled model), else the configured one as before anything was registered.
+        """
+        path = session.scalar(select(Model.path).where(
+            Model.name == name, Model.generation == generation, Model.local_round == 0))
+        return Path(path) if path is not None else self._root_dir
 
     def _load(self, corrections: list[Correction]) -> list[TrainingExample]:
         return [self._examples.load(c.example_path).example for c in corrections
@@ -310,6 +325,12 @@ class TrainHandler:
             manifest=manifest.model_dump(mode="json"),
             activate=self._config.training.activate_local_model,
         )
+        if self._config.federation.enabled and outcome.delta_path is not None:
+            upload = enqueue_upload(session, delta_path=outcome.delta_path,
+                                    base_generation=manifest.generation,
+                                    local_round=manifest.local_round or 0)
+            LOGGER.info("weight delta of %s queued for the federation (upload %d)",
+                        manifest.version_label, upload.id)
 
 
 class _Heartbeat:

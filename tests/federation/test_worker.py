@@ -171,17 +171,29 @@ def test_a_stale_update_counts_less_and_a_lone_update_is_flushed_in_time(
     assert first.promoted, first.reason
     headers = {"Authorization": f"Bearer {setup.tokens['hospital-c']}"}
     gen2 = client.get("/v1/models/leg/generations/latest", headers=headers).json()
-    current = make_update(base, seed=6, base_generation=2, base_sha256=gen2["sha256"])
-    stale = make_update(base, seed=7, base_generation=1)
+    stale = make_update(base, seed=6, base_generation=1)  # trained before generation 2
+    current = make_update(base, seed=7, base_generation=2, base_sha256=gen2["sha256"])
     _push(client, setup, "hospital-c", stale, "stale")
-    assert worker.tick() == []  # one waits, K=2, flush interval not reached
-    clock.now = datetime.now(UTC) + timedelta(seconds=601)
-    (flushed,) = worker.tick()
-    assert flushed.promoted and len(flushed.update_ids) == 1, flushed.reason
-    # staleness weight of an update against generation 1 applied to generation 2
-    assert staleness_weight(2, 1) == pytest.approx(2 ** -0.5)
     _push(client, setup, "hospital-a", current, "current")
-    assert worker.tick() == []
+    (second,) = worker.tick()
+    assert second.promoted and second.number == 3, second.reason
+    # FedBuff: the stale delta is applied to generation 2 with weight 1/sqrt(1 + 2 - 1)
+    s = staleness_weight(2, 1)
+    assert s == pytest.approx(2 ** -0.5)
+    before, after = _generation_state(client, setup, 2), _generation_state(client, setup, 3)
+    d_stale, d_current = decode_update(stale).tensors, decode_update(current).tensors
+    for name in before:
+        expected = before[name] + (s * d_stale[name] + d_current[name]) / (s + 1)
+        torch.testing.assert_close(after[name], expected, rtol=0, atol=1e-6)
+
+    gen3 = client.get("/v1/models/leg/generations/latest", headers=headers).json()
+    clock.now = datetime.now(UTC)
+    _push(client, setup, "hospital-b", make_update(base, seed=8, base_generation=3,
+                                                   base_sha256=gen3["sha256"]), "lone")
+    assert worker.tick() == []  # K=2: it waits ...
+    clock.now += timedelta(seconds=601)
+    (flushed,) = worker.tick()  # ... until the flush interval has passed
+    assert flushed.promoted and len(flushed.update_ids) == 1, flushed.reason
 
 
 def test_only_one_worker_aggregates_a_model_at_a_time(setup: FederationSetup,

@@ -31,8 +31,9 @@ from dafne_node.status import (
     count_outbox,
     count_outbox_by_destination,
     count_series,
+    upload_counts,
 )
-from db.node_models import Series, Study
+from db.node_models import FederationSync, Series, Study
 
 __all__ = ["NodeCollector", "router"]
 
@@ -94,6 +95,15 @@ class NodeCollector(Collector):
             "model": GaugeMetricFamily(
                 "dafne_model_generation", "Generation of the model in use.", labels=["model"]
             ),
+            "uploads": GaugeMetricFamily(
+                "dafne_federation_uploads",
+                "Weight deltas for the federation server by state (pending, sent, refused).",
+                labels=["state"],
+            ),
+            "federation_success": GaugeMetricFamily(
+                "dafne_federation_last_success_timestamp_seconds",
+                "Unix time the federation server last answered a poll.",
+            ),
         }
 
     def describe(self) -> Iterator[Metric]:
@@ -116,6 +126,9 @@ class NodeCollector(Collector):
             for state, count in count_series(session).items():
                 families["series"].add_metric([state], count)
             last = session.scalar(select(func.max(Series.last_received_at)))
+            for state, count in upload_counts(session).items():
+                families["uploads"].add_metric([state], count)
+            synced = session.scalar(select(func.max(FederationSync.last_success_at)))
             for kind, states in count_jobs(session).items():
                 for state, count in states.items():
                     families["jobs"].add_metric([state, kind], count)
@@ -130,6 +143,8 @@ class NodeCollector(Collector):
                     )
         if last is not None:
             families["last_received"].add_metric([], last.timestamp())
+        if synced is not None:
+            families["federation_success"].add_metric([], synced.timestamp())
         name, generation = self._model_info()
         families["model"].add_metric([name], float(generation))
         yield from families.values()

@@ -26,8 +26,8 @@ def status(
         int, Query(ge=0, le=1000, description="how many skipped series and failed jobs to list")
     ] = DEFAULT_RECENT,
 ) -> NodeStatus:
-    """Counts of what was received, jobs, outbox, skipped series and the model in use."""
+    """What was received, jobs, outbox, skipped series, the model and the federation sync."""
     return collect_status(
         session, model_name=model.name, model_generation=model.generation, recent=recent,
-        windows=context.windows, data_dir=context.data_dir,
+        windows=context.windows, data_dir=context.data_dir, federation=context.federation,
     )

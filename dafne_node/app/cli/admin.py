@@ -36,7 +36,8 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
         description=(
             "Summarise the node from its database: instances and series received, jobs by "
             "state, the outbox per destination with the last error, skipped series with the "
-            "reason, and the current model. Works while the node runs."
+            "reason, the current model and the federation sync (generation in use, last "
+            "poll, uploads). Works while the node runs."
         ),
         epilog="examples:\n  dafne-node status --data-dir /var/lib/dafne\n"
                "  dafne-node status --json | jq .jobs",
@@ -96,7 +97,8 @@ def run_status(args: argparse.Namespace) -> int:
         name, generation = active_model_info(session, config)
         status = collect_status(session, model_name=name, model_generation=generation,
                                 windows=config.training.windows,
-                                data_dir=config.node.data_dir)
+                                data_dir=config.node.data_dir,
+                                federation=config.federation)
     print(status.model_dump_json(indent=2) if args.json else format_status(status))
     return EXIT_OK
 
