@@ -87,6 +87,7 @@ def set_up(folder: Path, *, database_url: str | None = None,
            validation_sites: str = "A,C", nodes: tuple[str, ...] = ("hospital-a",),
            model: str = "leg", strategy: str | None = None) -> FederationSetup:
     """``init`` + ``model init`` + ``node add`` for each of ``nodes``."""
+    folder.mkdir(parents=True, exist_ok=True)
     data_dir = folder / "federation-data"
     config = {key: dict(values) for key, values in (sections or {}).items()}
     config.setdefault("server", {})["data_dir"] = data_dir
