@@ -16,38 +16,21 @@ arguments), ``DAFNE_*`` variables, their short names, the TOML file, the default
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
 from collections.abc import Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-)
-from pydantic.fields import FieldInfo
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
-from pydantic_settings.sources.utils import parse_env_vars
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from dafne_node.learning.windows import TrainingWindow
+from dafne_node.settings import ConfigError, LayeredSettings, load_settings
+from dafne_node.settings import Section as _Section
 
 ENV_PREFIX = "DAFNE_"
 
-SHORT_ENV_NAMES: dict[str, tuple[str, ...]] = {
+SHORT_ENV_NAMES: dict[str, tuple[str, str]] = {
     "DAFNE_DATA_DIR": ("node", "data_dir"),
     "DAFNE_DB_URL": ("database", "url"),
     "DAFNE_AE_TITLE": ("dicom", "ae_title"),
@@ -58,14 +41,6 @@ SHORT_ENV_NAMES: dict[str, tuple[str, ...]] = {
 """Short environment variable names for the settings people change most."""
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names each bad key."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_ae_title(value: str) -> str:
@@ -297,47 +272,6 @@ class FederationSection(_Section):
         return token
 
 
-@dataclass(frozen=True)
-class _Sources:
-    """Where one :func:`load_config` call reads from (the environment may be a test's)."""
-
-    path: Path | None
-    environ: Mapping[str, str]
-
-
-_SOURCES: ContextVar[_Sources | None] = ContextVar("dafne_config_sources", default=None)
-
-
-class _Environment(EnvSettingsSource):
-    """``DAFNE_<SECTION>__<KEY>`` variables, from the mapping this load was given."""
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        self._environ = environ
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty,
-                              self.env_parse_none_str)
-
-
-class _ShortNames(PydanticBaseSettingsSource):
-    """The short variables of :data:`SHORT_ENV_NAMES` (``DAFNE_DB_URL`` …)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        super().__init__(settings_cls)
-        self._environ = environ
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # values come whole from __call__
-
-    def __call__(self) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for name, (section, key) in SHORT_ENV_NAMES.items():
-            if name in self._environ:
-                values.setdefault(section, {})[key] = self._environ[name]
-        return values
-
-
 class RetentionSection(_Section):
     """How long received images and training examples are kept.
 
@@ -355,13 +289,14 @@ class RetentionSection(_Section):
     check_every_h: float = Field(default=1.0, gt=0, le=168)
 
 
-class NodeConfig(BaseSettings):
+class NodeConfig(LayeredSettings):
     """Everything a node needs, with defaults that run out of the box."""
 
     model_config = SettingsConfigDict(
         extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__",
         case_sensitive=False,
     )
+    short_env_names = SHORT_ENV_NAMES
 
     node: NodeSection = NodeSection()
     dicom: DicomSection = DicomSection()
@@ -387,26 +322,6 @@ class NodeConfig(BaseSettings):
     def spool_dir(self) -> Path:
         """Where received instances are stored."""
         return self.node.data_dir / "spool"
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Flags, then ``DAFNE_*`` variables, then the TOML file, then the defaults."""
-        sources = _SOURCES.get() or _Sources(None, os.environ)
-        chain: list[PydanticBaseSettingsSource] = [
-            init_settings,
-            _Environment(settings_cls, sources.environ),
-            _ShortNames(settings_cls, sources.environ),
-        ]
-        if sources.path is not None:
-            chain.append(TomlConfigSettingsSource(settings_cls, toml_file=sources.path))
-        return tuple(chain)
 
     def destination(self, name: str) -> Destination:
         """The destination called ``name``.
@@ -438,30 +353,8 @@ def load_config(
     ConfigError
         Naming the file and every invalid key with the reason.
     """
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: no such configuration file") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    flags: dict[str, Any] = {}
-    for keys, value in (overrides or {}).items():
-        if value is not None:
-            _set(flags, keys, value)
-    token = _SOURCES.set(_Sources(path, os.environ if environ is None else environ))
-    try:
-        config = NodeConfig(**flags)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from exc
-    finally:
-        _SOURCES.reset(token)
+    config = load_settings(NodeConfig, path, environ=environ, overrides=overrides)
+    source = str(path) if path is not None else "defaults"
     _check_references(config, source)
     _check_federation(config.federation, source)
     return config
@@ -501,11 +394,3 @@ def _check_federation(federation: FederationSection, source: str) -> None:
         raise ConfigError(f"{source}: federation.public_key: {exc}") from None
     if federation.ca_file is not None and not federation.ca_file.is_file():
         raise ConfigError(f"{source}: federation.ca_file: {federation.ca_file}: no such file")
-
-
-def _set(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
-    """Put a flag's value at its path in the nested init arguments."""
-    target = raw
-    for key in keys[:-1]:
-        target = target.setdefault(key, {})
-    target[keys[-1]] = value

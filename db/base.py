@@ -7,9 +7,10 @@ pieces here so that both use the same constraint names, time type and JSON type.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Dialect, MetaData
+from sqlalchemy import JSON, DateTime, Dialect, Enum, MetaData
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
@@ -21,6 +22,7 @@ __all__ = [
     "UTCDateTime",
     "dialect_insert",
     "new_metadata",
+    "str_enum",
     "utcnow",
 ]
 
@@ -40,6 +42,22 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 def new_metadata() -> MetaData:
     """A ``MetaData`` with the project's naming convention."""
     return MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def str_enum(enum: type[StrEnum]) -> Enum:
+    """A column type for a StrEnum: its values as plain strings (no database enum type).
+
+    Why not a native enum: adding a state would then need a migration on PostgreSQL and
+    none on SQLite; strings behave the same on both, and SQLAlchemy still validates them.
+    """
+    return Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
 
 
 def utcnow() -> datetime:

@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    Enum,
     Float,
     ForeignKey,
     Index,
@@ -35,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from db.base import JSONType, UTCDateTime, new_metadata, utcnow
+from db.base import JSONType, UTCDateTime, new_metadata, str_enum, utcnow
 
 __all__ = [
     "FedAudit",
@@ -77,17 +76,6 @@ class UpdateState(StrEnum):
     """Part of a candidate that the gate rejected."""
     REFUSED = "refused"
     """Refused at intake (see ``reason``): never aggregated, no artifact kept."""
-
-
-def _str_enum(enum: type[StrEnum]) -> Enum:
-    return Enum(
-        enum,
-        native_enum=False,
-        create_constraint=False,
-        length=16,
-        values_callable=lambda members: [member.value for member in members],
-        validate_strings=True,
-    )
 
 
 class FederationBase(DeclarativeBase):
@@ -176,7 +164,7 @@ class FedGeneration(FederationBase):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_name: Mapped[str] = mapped_column(ForeignKey("fed_models.name", ondelete="CASCADE"))
     number: Mapped[int | None] = mapped_column(Integer)
-    state: Mapped[GenerationState] = mapped_column(_str_enum(GenerationState))
+    state: Mapped[GenerationState] = mapped_column(str_enum(GenerationState))
     parent_number: Mapped[int | None] = mapped_column(Integer)
     """The promoted generation it was built on; null for the seed."""
     strategy: Mapped[str] = mapped_column(String(64))
@@ -219,7 +207,7 @@ class FedUpdate(FederationBase):
     node_id: Mapped[int] = mapped_column(ForeignKey("fed_nodes.id", ondelete="CASCADE"))
     model_name: Mapped[str] = mapped_column(NAME)
     idempotency_key: Mapped[str] = mapped_column(String(128))
-    state: Mapped[UpdateState] = mapped_column(_str_enum(UpdateState))
+    state: Mapped[UpdateState] = mapped_column(str_enum(UpdateState))
     base_generation: Mapped[int | None] = mapped_column(Integer)
     """The promoted generation number the delta is against; null if unreadable."""
     num_samples: Mapped[int] = mapped_column(Integer)

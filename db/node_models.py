@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    Enum,
     ForeignKey,
     Index,
     Integer,
@@ -37,7 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from db.base import JSONType, UTCDateTime, new_metadata, utcnow
+from db.base import JSONType, UTCDateTime, new_metadata, str_enum, utcnow
 
 __all__ = [
     "CORRECTION_TRANSITIONS",
@@ -127,17 +126,6 @@ class OutboxState(StrEnum):
     """Not sent because a newer SEG of the same series replaced it."""
 
 
-def _str_enum(enum: type[StrEnum]) -> Enum:
-    return Enum(
-        enum,
-        native_enum=False,
-        create_constraint=False,
-        length=16,
-        values_callable=lambda members: [member.value for member in members],
-        validate_strings=True,
-    )
-
-
 class NodeBase(DeclarativeBase):
     """Declarative base of the node schema (Alembic history ``db/migrations/node``)."""
 
@@ -192,7 +180,7 @@ class Series(_Timestamps, NodeBase):
     peer_address: Mapped[str | None] = mapped_column(String(64))
 
     state: Mapped[SeriesState] = mapped_column(
-        _str_enum(SeriesState), default=SeriesState.RECEIVING
+        str_enum(SeriesState), default=SeriesState.RECEIVING
     )
     state_reason: Mapped[str | None] = mapped_column(Text)
     revision: Mapped[int] = mapped_column(Integer, default=0)
@@ -250,8 +238,8 @@ class Job(_Timestamps, NodeBase):
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    kind: Mapped[JobKind] = mapped_column(_str_enum(JobKind))
-    state: Mapped[JobState] = mapped_column(_str_enum(JobState), default=JobState.QUEUED)
+    kind: Mapped[JobKind] = mapped_column(str_enum(JobKind))
+    state: Mapped[JobState] = mapped_column(str_enum(JobState), default=JobState.QUEUED)
     series_id: Mapped[int | None] = mapped_column(
         ForeignKey("series.id", ondelete="SET NULL"), index=True
     )
@@ -298,7 +286,7 @@ class OutboxItem(_Timestamps, NodeBase):
     path: Mapped[str] = mapped_column(Text)
     sop_instance_uid: Mapped[str] = mapped_column(UID)
     sop_class_uid: Mapped[str | None] = mapped_column(UID)
-    state: Mapped[OutboxState] = mapped_column(_str_enum(OutboxState), default=OutboxState.PENDING)
+    state: Mapped[OutboxState] = mapped_column(str_enum(OutboxState), default=OutboxState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     claimed_by: Mapped[str | None] = mapped_column(String(128))
@@ -393,7 +381,7 @@ class Correction(_Timestamps, NodeBase):
     source_series_id: Mapped[int | None] = mapped_column(
         ForeignKey("series.id", ondelete="SET NULL"), index=True)
     source_series_uid: Mapped[str | None] = mapped_column(UID)
-    state: Mapped[CorrectionState] = mapped_column(_str_enum(CorrectionState))
+    state: Mapped[CorrectionState] = mapped_column(str_enum(CorrectionState))
     reason: Mapped[str | None] = mapped_column(Text)
     writer: Mapped[str | None] = mapped_column(String(128))
     """Manufacturer and software of the SEG (which viewer wrote it)."""
@@ -452,7 +440,7 @@ class FederationUpload(_Timestamps, NodeBase):
     __table_args__ = (Index("ix_federation_uploads_due", "state", "next_attempt_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    state: Mapped[UploadState] = mapped_column(_str_enum(UploadState),
+    state: Mapped[UploadState] = mapped_column(str_enum(UploadState),
                                                default=UploadState.PENDING)
     delta_path: Mapped[str] = mapped_column(Text)
     """The fp16 delta file the training run wrote."""

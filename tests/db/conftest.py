@@ -48,7 +48,7 @@ def pg_engine(pg_schema: str) -> Iterator[Engine]:
         connection.execute(
             text(
                 "TRUNCATE corrections, outbox, jobs, instances, series, studies, models, "
-                "node_state RESTART IDENTITY CASCADE"
+                "node_state, federation_uploads, federation_sync RESTART IDENTITY CASCADE"
             )
         )
     engine.dispose()
