@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("::", 1)[1].split("Errors", 1)[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log-level", default="info",
+    parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"],
-                        help="log verbosity on stderr (default: info)")
+                        help="log verbosity on stderr (default: warning; services: info)")
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="plain text for people, JSON lines for log collectors")
     parser.add_argument("--debug", action="store_true",

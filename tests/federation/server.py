@@ -128,8 +128,8 @@ def start_api(setup: FederationSetup, *, port: int | None = None, scheme: str = 
     """``dafne-federation serve`` as a process; yields its base URL once it answers."""
     port = port or free_port()
     log = setup.data_dir / f"api-{port}.log"
-    process = _spawn(["--log-format", "json", "serve", "--config", str(setup.config_path),
-                      "--port", str(port)], log)
+    process = _spawn(["--log-level", "info", "--log-format", "json", "serve",
+                      "--config", str(setup.config_path), "--port", str(port)], log)
     url = f"{scheme}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -152,8 +152,8 @@ def start_api(setup: FederationSetup, *, port: int | None = None, scheme: str = 
 @contextlib.contextmanager
 def start_worker(setup: FederationSetup) -> Iterator[subprocess.Popen[bytes]]:
     """``dafne-federation worker`` as a process, stopped with SIGTERM afterwards."""
-    process = _spawn(["--log-format", "json", "worker", "--config", str(setup.config_path)],
-                     setup.data_dir / "worker.log")
+    process = _spawn(["--log-level", "info", "--log-format", "json", "worker",
+                      "--config", str(setup.config_path)], setup.data_dir / "worker.log")
     try:
         yield process
     finally:
