@@ -11,6 +11,7 @@ same update twice and race over the error-feedback residual).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = [
     "due_uploads",
     "enqueue_upload",
     "new_idempotency_key",
+    "release_sync_leases",
     "sync_state",
     "take_lease",
     "upload_counts",
@@ -95,6 +97,21 @@ def sync_state(session: Session, model: str, *, lock: bool = False) -> Federatio
     if lock:
         query = query.with_for_update()
     return session.scalars(query).one()
+
+
+def release_sync_leases(session: Session, owners: Sequence[str]) -> int:
+    """Free the sync leases held by ``owners`` (dead processes); returns how many were held.
+
+    Why: a node killed while it synced would otherwise block its own restart from syncing
+    until the lease ran out (minutes).
+    """
+    if not owners:
+        return 0
+    result = session.execute(
+        update(FederationSync).where(FederationSync.lease_owner.in_(list(owners)))
+        .values(lease_owner=None, lease_until=None)
+        .execution_options(synchronize_session=False))
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def take_lease(session: Session, model: str, owner: str, *, now: datetime,

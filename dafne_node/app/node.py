@@ -38,9 +38,18 @@ from dafne_node.jobs.runner import JobHandler, JobRunner, worker_identity
 from dafne_node.learning.corrections import CorrectionHandler
 from dafne_node.retention import apply_retention
 from db.base import utcnow
+from db.federation_sync import release_sync_leases
 from db.jobs import requeue_stale_jobs
 from db.migrate import upgrade
-from db.node_models import Job, JobKind, JobState, OutboxItem, Series, SeriesState
+from db.node_models import (
+    FederationSync,
+    Job,
+    JobKind,
+    JobState,
+    OutboxItem,
+    Series,
+    SeriesState,
+)
 from db.repository import SqlInstanceIndex
 from db.session import make_engine, make_session_factory
 from dicom_scp.admission import AdmissionLimits
@@ -232,6 +241,7 @@ class Node:
                                       now=now)
             sends = requeue_interrupted_sends(session, claimed_before=now - SEND_STALE_AFTER,
                                               dead_workers=dead)
+            leases = release_sync_leases(session, dead)
             # Series still receiving were interrupted mid-push: the sender will resend the
             # rest, so their quiet period starts again now rather than at the crash.
             reopened = session.execute(
@@ -239,10 +249,10 @@ class Node:
                 .values(last_received_at=now)
                 .execution_options(synchronize_session=False)
             ).rowcount
-        if jobs or sends or reopened:
+        if jobs or sends or reopened or leases:
             LOGGER.warning("resuming after a crash: %d job(s) and %d delivery(ies) requeued, "
-                           "%d incomplete series wait for their quiet period again",
-                           jobs, sends, reopened)
+                           "%d incomplete series wait for their quiet period again, "
+                           "%d federation sync lease(s) released", jobs, sends, reopened, leases)
 
     def _maintain(self) -> bool:
         with self.sessions() as session, session.begin():
@@ -310,6 +320,9 @@ def dead_local_claims(sessions: sessionmaker[Session], config: NodeConfig) -> li
         )) | set(session.scalars(
             select(OutboxItem.claimed_by).where(OutboxItem.claimed_by.startswith(prefix))
             .distinct()
+        )) | set(session.scalars(
+            select(FederationSync.lease_owner)
+            .where(FederationSync.lease_owner.startswith(prefix)).distinct()
         ))
     return [claimant for claimant in claimants
             if claimant and not _pid_alive(int(claimant.rsplit(":", 1)[1]))]

@@ -16,7 +16,7 @@ from types import TracebackType
 class CapturingProxy:
     """Forwards connections to ``upstream``; :attr:`sent` holds all client-to-server bytes."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, *, forwarding: bool = True) -> None:
         self._upstream = ("127.0.0.1", upstream_port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
@@ -25,6 +25,8 @@ class CapturingProxy:
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
         self.connections = 0
+        self.forwarding = forwarding
+        """False: connections are accepted and recorded but never answered (a hung server)."""
 
     @property
     def sent(self) -> bytes:
@@ -49,11 +51,21 @@ class CapturingProxy:
             except OSError:
                 return
             self.connections += 1
+            if not self.forwarding:
+                threading.Thread(target=self._swallow, args=(client,), daemon=True,
+                                 name="proxy-swallow").start()
+                continue
             upstream = socket.create_connection(self._upstream)
             for source, target, record in ((client, upstream, True), (upstream, client, False)):
                 thread = threading.Thread(target=self._pump, args=(source, target, record),
                                           daemon=True, name="proxy-pump")
                 thread.start()
+
+    def _swallow(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError), client:
+            while chunk := client.recv(65536):
+                with self._lock:
+                    self._sent.extend(chunk)
 
     def _pump(self, source: socket.socket, target: socket.socket, record: bool) -> None:
         try:
