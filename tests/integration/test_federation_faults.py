@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -61,7 +62,7 @@ def _start_node(config: Path, data_dir: Path, log: Path) -> subprocess.Popen[byt
                                 start_new_session=True)
 
 
-def _until(what: str, condition, timeout: float, log: Path) -> None:  # noqa: ANN001
+def _until(what: str, condition: Callable[[], bool], timeout: float, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out: {what}: {log.read_text()[-3000:]}"
