@@ -190,19 +190,29 @@ def test_missing_idempotency_key_is_a_bad_request(client: TestClient, setup: Fed
     assert answer.status_code == 400 and "Idempotency-Key" in answer.json()["detail"]
 
 
-def test_nan_in_an_update_is_refused(client: TestClient, setup: FederationSetup,
-                                     base: BaseModel, tmp_path: Path) -> None:
-    # the node's encoder refuses NaN itself, so a hostile client edits a valid payload
-    path = tmp_path / "update"
+def _edited_payload(base: BaseModel, folder: Path, edit) -> tuple[bytes, str]:
+    """A valid fp16 update edited the way a hostile client would (the encoder refuses)."""
+    path = folder / "update"
     path.write_bytes(make_update(base, encoding=Encoding.FP16))
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     name = next(iter(tensors))
-    tensors[name].view(-1)[0] = math.nan
-    answer = upload(client, setup.tokens["hospital-a"], save(tensors, metadata=metadata), "nan")
-    assert answer.status_code == 422 and "NaN" in answer.json()["detail"]
-    assert name in answer.json()["detail"]
+    tensors[name] = edit(tensors[name])
+    return save(tensors, metadata=metadata), name
+
+
+@pytest.mark.parametrize(("edit", "reason"), [
+    (lambda t: t.index_fill(0, torch.tensor([0]), math.nan), "NaN"),
+    (lambda t: t.float(), "has dtype 'F32', expected F16"),
+])
+def test_nan_or_a_wrong_dtype_is_refused_naming_the_tensor(
+        client: TestClient, setup: FederationSetup, base: BaseModel, tmp_path: Path,
+        edit, reason: str) -> None:
+    body, name = _edited_payload(base, tmp_path, edit)
+    answer = upload(client, setup.tokens["hospital-a"], body, "hostile")
+    assert answer.status_code == 422, answer.text
+    assert reason in answer.json()["detail"] and name in answer.json()["detail"]
 
 
 def test_openapi_documents_every_endpoint_and_its_errors(client: TestClient) -> None:
