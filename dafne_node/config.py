@@ -226,7 +226,7 @@ class FederationSection(_Section):
     verify_tls: bool = True
     timeout_s: float = Field(default=30.0, gt=0, le=600)
     upload_encoding: Literal["fp16", "int8", "topk-int8"] = "topk-int8"
-    upload_density: float = Field(default=0.1, gt=0, le=1)
+    upload_density: float = Field(default=0.2, gt=0, le=1)
     """Share of each large tensor's entries a ``topk-int8`` upload keeps."""
     retry_initial_s: float = Field(default=5.0, gt=0)
     retry_max_s: float = Field(default=900.0, gt=0)

@@ -87,7 +87,7 @@ def test_federation_is_off_by_default() -> None:
     federation = load_config(environ={}).federation
     assert federation.url is None and not federation.enabled
     assert (federation.model, federation.poll_interval_s, federation.timeout_s) == ("leg", 300, 30)
-    assert (federation.upload_encoding, federation.upload_density) == ("topk-int8", 0.1)
+    assert (federation.upload_encoding, federation.upload_density) == ("topk-int8", 0.2)
     assert (federation.retry_initial_s, federation.retry_max_s) == (5, 900)
     assert federation.verify_tls is True and federation.ca_file is None
 
