@@ -343,10 +343,10 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[tuple[str, ...], Any] | None = None,
 ) -> NodeConfig:
-    """Read ``path`` (if any), apply environment variables then ``overrides``, validate.
+    """The node's configuration (:func:`dafne_node.settings.load_settings`), checked across keys.
 
-    ``overrides`` are command-line flags, keyed by their path in the file
-    (``("dicom", "port")``); they win over the environment, which wins over the file.
+    Beyond each key's own validation: every destination a route or ``default_destination``
+    names exists, and a federating node has one token source and a readable public key.
 
     Raises
     ------

@@ -19,7 +19,6 @@ import json
 import logging
 import secrets
 import signal
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,47 +26,26 @@ from types import FrameType
 from typing import Any
 
 from dafne_node import __version__
+from dafne_node.app.cli.common import EXIT_OK, UserError, run_handler
 from dafne_node.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
 
 LOGGER = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_REFUSED, EXIT_INTERNAL = 0, 1, 3
-
-
-class UserError(Exception):
-    """An error the user can act on; printed as one line, exit code 1."""
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dafne-federation``; returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    handler: Callable[[argparse.Namespace], int] = args.handler
-    try:
-        return handler(args)
-    except KeyboardInterrupt:
-        print("dafne-federation: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.debug:
-            raise
-        if _is_user_error(exc):
-            print(f"dafne-federation {args.command}: {exc}", file=sys.stderr)
-            return EXIT_REFUSED
-        print(f"dafne-federation {args.command}: internal error: {type(exc).__name__}: {exc} "
-              "(run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL
+    return run_handler(args, "dafne-federation", _user_errors())
 
 
-def _is_user_error(exc: Exception) -> bool:
+def _user_errors() -> tuple[type[Exception], ...]:
     from dafne_node.model.manifest import ModelError  # noqa: PLC0415 - keeps --help instant
     from db.federation import FederationRepoError  # noqa: PLC0415
     from federation.config import ConfigError  # noqa: PLC0415
 
-    return isinstance(exc, UserError | ConfigError | FederationRepoError | ModelError
-                      | OSError | ValueError)
+    return ConfigError, FederationRepoError, ModelError, OSError, ValueError
 
 
 def _config(args: argparse.Namespace) -> Any:

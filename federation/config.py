@@ -8,8 +8,9 @@ server runs on SQLite with artifacts, key and validation set in ``federation-dat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -161,12 +162,17 @@ class FederationConfig(LayeredSettings):
         return "absolute" if strategy == "dafne" else "relative"
 
 
-def load_federation_config(path: Path | None = None, **kwargs: object) -> FederationConfig:
-    """Load and validate the federation configuration (see :func:`load_settings`).
+def load_federation_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str, ...], Any] | None = None,
+) -> FederationConfig:
+    """The server's configuration: ``path``, ``DAFNE_FED_*`` variables, then ``overrides``.
 
     Raises
     ------
     ConfigError
         Naming the file and every invalid key.
     """
-    return load_settings(FederationConfig, path, **kwargs)  # type: ignore[arg-type]
+    return load_settings(FederationConfig, path, environ=environ, overrides=overrides)

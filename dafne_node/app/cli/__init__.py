@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from dafne_node import __version__
 from dafne_node.app.cli import admin, dicom, files, model, serve
-from dafne_node.app.cli.common import EXIT_INTERNAL, EXIT_REFUSED, UserError
+from dafne_node.app.cli.common import run_handler
 from dafne_node.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
@@ -25,38 +24,18 @@ LOGGER = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dafne-node``; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    handler: Callable[[argparse.Namespace], int] = args.handler
-    try:
-        return handler(args)
-    except KeyboardInterrupt:
-        print("dafne-node: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.debug:
-            raise
-        if _is_user_error(exc):
-            print(f"dafne-node {args.command}: {exc}", file=sys.stderr)
-            return EXIT_REFUSED
-        print(
-            f"dafne-node {args.command}: internal error: {type(exc).__name__}: {exc} "
-            "(run with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+    return run_handler(args, "dafne-node", _user_errors())
 
 
-def _is_user_error(exc: Exception) -> bool:
+def _user_errors() -> tuple[type[Exception], ...]:
     from dafne_node.config import ConfigError
     from dafne_node.dicom.seg_decode import SegmentationError
     from dafne_node.dicom.series import InputError
     from dafne_node.model.manifest import ModelError
 
-    return isinstance(
-        exc, UserError | ConfigError | InputError | ModelError | SegmentationError | OSError
-    )
+    return ConfigError, InputError, ModelError, SegmentationError, OSError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,30 @@ EXIT_INTERNAL = 3
 
 class UserError(Exception):
     """An error the user can act on; printed as one line, exit code 1."""
+
+
+def run_handler(args: argparse.Namespace, prog: str,
+                user_errors: tuple[type[Exception], ...]) -> int:
+    """Run the parsed subcommand; return the exit code.
+
+    Errors a user can fix (``user_errors``, and :class:`UserError`) are one line on stderr
+    and exit code 1; anything else is a bug: one line naming it and exit code 3, with the
+    traceback only under ``--debug``. Shared by ``dafne-node`` and ``dafne-federation``.
+    """
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, (UserError, *user_errors)):
+            print(f"{prog} {args.command}: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        print(f"{prog} {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 def add_config_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--config", type=Path, metavar="node.toml",
