@@ -19,6 +19,8 @@ import torch
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -97,6 +99,15 @@ def create_app(config: FederationConfig, *, sessions: sessionmaker[Session] | No
     async def remember_reason(request: Request, exc: HTTPException) -> Response:
         request.state.reason = str(exc.detail)
         return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line_reason(request: Request, exc: RequestValidationError) -> Response:
+        """Bad parameters get the same ``{"detail": "<reason>"}`` as every other error."""
+        reason = "; ".join(
+            f"{' '.join(str(part) for part in error.get('loc', ()))}: {error.get('msg')}"
+            for error in exc.errors())
+        request.state.reason = reason
+        return JSONResponse({"detail": reason}, status_code=422)
 
     app.add_middleware(AuditMiddleware, sessions=sessions)
     return app

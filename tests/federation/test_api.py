@@ -176,6 +176,18 @@ def test_rights_and_revocation(client: TestClient, setup: FederationSetup,
     assert client.get("/v1/models", headers=auth(reader)).status_code == 401
 
 
+def test_malformed_parameters_get_a_one_line_reason(client: TestClient,
+                                                     setup: FederationSetup) -> None:
+    answer = client.get("/v1/models/leg/generations/two/weights",
+                        headers=auth(setup.tokens["hospital-a"]))
+    assert answer.status_code == 422
+    assert answer.json() == {"detail": answer.json()["detail"]}
+    assert answer.json()["detail"].startswith("path number: ")
+    missing = client.get("/v1/models/leg/generations/9/weights",
+                         headers=auth(setup.tokens["hospital-a"]))
+    assert missing.status_code == 404 and "no promoted generation 9" in missing.json()["detail"]
+
+
 def test_oversized_body_is_refused_before_it_is_read(client: TestClient,
                                                      setup: FederationSetup) -> None:
     limit = int(setup.config.server.max_update_mb * 1024 * 1024)
