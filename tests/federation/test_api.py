@@ -127,6 +127,9 @@ def test_an_update_is_accepted_once_and_its_replay_gets_the_same_answer(
                       headers=auth(setup.admin_token)).status_code == 200
     status = client.get("/v1/admin/status", headers=auth(setup.admin_token)).json()
     assert status["models"][0]["pending"] == 1
+    audit = client.get("/v1/admin/audit", headers=auth(setup.admin_token)).json()
+    uploads = [a for a in audit if a["method"] == "POST"]
+    assert [(a["actor"], a["status"]) for a in uploads] == [("hospital-a", 202)] * 2
 
 
 def _replace(base: BaseModel, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
