@@ -150,6 +150,18 @@ def cmd_node_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_node_rights(args: argparse.Namespace) -> int:
+    """Set what a node may do with one model (pull generations, push updates, both, none)."""
+    from db import federation as repo  # noqa: PLC0415
+
+    can_pull, can_push = args.rights in ("pull", "pull+push"), args.rights == "pull+push"
+    sessions = _sessions(_config(args), migrate=False)
+    with sessions() as session, session.begin():
+        repo.set_rights(session, args.name, args.model, can_pull=can_pull, can_push=can_push)
+    print(f"node {args.name}: {args.rights} on model {args.model}")
+    return EXIT_OK
+
+
 def cmd_node_revoke(args: argparse.Namespace) -> int:
     """Revoke a node's token at once (its updates stay, for audit)."""
     from db import federation as repo  # noqa: PLC0415
@@ -347,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--models", default="", help="comma-separated models it may use, e.g. leg")
     add.add_argument("--pull-only", action="store_true",
                      help="may pull generations but not push updates")
+    rights = command("rights", cmd_node_rights, "set a node's rights on one model",
+                     parent=node_commands, group="node")
+    rights.add_argument("name", help="the node's name")
+    rights.add_argument("model", help="the model, e.g. leg")
+    rights.add_argument("rights", choices=["pull+push", "pull", "none"],
+                        help="pull+push: pull generations and push updates; pull: only pull; "
+                             "none: neither")
     revoke = command("revoke", cmd_node_revoke, "revoke a node's token", parent=node_commands,
                      group="node")
     revoke.add_argument("name")

@@ -175,6 +175,14 @@ def test_rights_and_revocation(client: TestClient, setup: FederationSetup,
     assert upload(client, setup.tokens["hospital-a"], make_update(base), "k",
                   model="arm").status_code == 404
     assert client.get("/v1/admin/status", headers=auth(reader)).status_code == 403
+    writer = setup.tokens["hospital-b"]
+    run_cli("node", "rights", "hospital-b", "leg", "none", "--config", str(setup.config_path))
+    assert client.get("/v1/models", headers=auth(writer)).json() == []
+    assert client.get("/v1/models/leg/generations/latest",
+                      headers=auth(writer)).status_code == 403
+    run_cli("node", "rights", "hospital-b", "leg", "pull+push", "--config",
+            str(setup.config_path))
+    assert upload(client, writer, make_update(base), "k").status_code == 202
     run_cli("node", "revoke", "reader", "--config", str(setup.config_path))
     assert client.get("/v1/models", headers=auth(reader)).status_code == 401
 
