@@ -215,7 +215,7 @@ def test_density_one_keeps_every_entry() -> None:
 
 
 def _valid() -> tuple[dict[str, torch.Tensor], dict]:
-    return _parts(encode_update(_delta(), META, encoding=Encoding.TOPK_INT8).payload)
+    return _parts(encode_update(_delta(), META, encoding=Encoding.TOPK_INT8, density=0.1).payload)
 
 
 def _with(replace: dict | None = None, drop: tuple[str, ...] = (), **metadata) -> bytes:
