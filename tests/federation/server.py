@@ -84,9 +84,11 @@ def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
 
 def set_up(folder: Path, *, database_url: str | None = None,
            sections: Mapping[str, Mapping[str, Any]] | None = None,
-           validation_sites: str = "A,C", nodes: tuple[str, ...] = ("hospital-a",),
-           model: str = "leg", strategy: str | None = None) -> FederationSetup:
-    """``init`` + ``model init`` + ``node add`` for each of ``nodes``."""
+           validation_sites: str = "A,C", validation_per_site: int = 1,
+           validation_slices: int = 8, nodes: tuple[str, ...] = ("hospital-a",),
+           model: str = "leg", strategy: str | None = None,
+           model_dir: Path | None = None) -> FederationSetup:
+    """``init`` + ``model init`` (of ``model_dir``, default the bundled model) + ``node add``."""
     folder.mkdir(parents=True, exist_ok=True)
     data_dir = folder / "federation-data"
     config = {key: dict(values) for key, values in (sections or {}).items()}
@@ -95,12 +97,14 @@ def set_up(folder: Path, *, database_url: str | None = None,
         config.setdefault("database", {})["url"] = database_url
     config_path = write_config(folder / "federation.toml", config)
     out = run_cli("init", "--config", str(config_path), "--validation-sites", validation_sites,
-                  "--validation-per-site", "1", "--validation-slices", "8")
+                  "--validation-per-site", str(validation_per_site),
+                  "--validation-slices", str(validation_slices))
     admin = re.search(r"^\s+(dfa_\S+)$", out, re.MULTILINE)
     public = re.search(r"^\s+(ed25519:\S+)$", out, re.MULTILINE)
     assert admin and public, out
     model_args = ["model", "init", model, "--config", str(config_path)]
-    run_cli(*model_args, *(["--strategy", strategy] if strategy else []))
+    run_cli(*model_args, *(["--strategy", strategy] if strategy else []),
+            *(["--from", str(model_dir)] if model_dir else []))
     setup = FederationSetup(config_path=config_path, data_dir=data_dir,
                             admin_token=admin.group(1), public_key=public.group(1))
     for name in nodes:
