@@ -53,12 +53,15 @@ def setup_logging(level: str = "warning", fmt: LogFormat = "text") -> None:
     # warns about every quirk it repairs while reading; the node reports what matters
     # itself, with the file or destination, so keep their chatter for debugging.
     # Python warnings (pydicom's UserWarnings about the files it repairs) go through the
-    # logger too, so that JSON logs stay JSON
+    # logger too, so that JSON logs stay JSON. httpx logs every request at info: the sync
+    # client polls the federation every few minutes and logs what it does itself.
     logging.captureWarnings(True)
     if root.level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
         logging.getLogger("pydicom").setLevel(logging.ERROR)
         logging.getLogger("py.warnings").setLevel(logging.ERROR)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     threading.excepthook = _log_thread_death
 
 

@@ -1,0 +1,132 @@
+"""Does the federation improve the model generation after generation? A multi-hospital run.
+
+Dafne's paper reports +0.0073 Dice per model generation on held-out data (95 % CI
+0.0034-0.011, p < 0.001; a linear mixed model with a random slope per dataset). This run
+measures the same with the real code paths: a federation server process (real HTTP) and
+one ``dafne-node serve`` per hospital (DICOM in and out over loopback, its own trainer,
+its own data folder), each hospital with its own phantom protocol (sites A-D), starting
+from a weak root model trained on a few site-A subjects. Every generation, hospitals receive
+studies, a simulated radiologist corrects the node's SEGs and sends the corrections back
+as a viewer would, the nodes train and upload, and the server aggregates, gates and
+promotes; the root is scored on a fixed evaluation set per site after every generation.
+Both arms, ours (FedBuff + relative gate) and Dafne's rule, run with the same data and
+seeds. See ``bench/improvement/run.py`` for the protocol.
+
+    .venv/bin/python bench/federated_improvement.py                      # the full run
+    .venv/bin/python bench/federated_improvement.py --generations 2 --studies 2 \\
+        --slices 12 --steps 10 --arms ours                               # a quick look
+    .venv/bin/python bench/federated_improvement.py --poison label-flip  # a poisoned hospital
+
+Writes ``results.json``, ``table.md`` and ``dice.png`` into ``--out`` and prints the table
+and the slope fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.improvement.plot import plot_dice  # noqa: E402 - path set up above
+from bench.improvement.root import starting_dice, weak_root  # noqa: E402
+from bench.improvement.run import RunConfig, evaluation_set, run_arm  # noqa: E402
+from bench.improvement.stats import fit_slope, per_site_fits, table  # noqa: E402
+from dafne_node.logs import setup_logging  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = RunConfig()
+    parser = argparse.ArgumentParser(
+        prog="bench/federated_improvement.py", description=__doc__.split("\n\n")[0],
+        epilog="Sizes are parameters; the defaults are the documented full run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--generations", type=int, default=defaults.generations)
+    parser.add_argument("--studies", type=int, default=defaults.studies_per_round,
+                        help="studies each due hospital receives per generation")
+    parser.add_argument("--slices", type=int, default=defaults.slices)
+    parser.add_argument("--matrix", type=int, default=None, help="phantom matrix (default: "
+                        "the site's)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="training steps of each node's run")
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--eval-per-site", type=int, default=defaults.eval_per_site)
+    parser.add_argument("--eval-slices", type=int, default=defaults.eval_slices)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="the radiologist corrects only slices below this Dice")
+    parser.add_argument("--arms", default=",".join(defaults.arms),
+                        help="ours, dafne or both")
+    parser.add_argument("--poison", choices=["label-flip", "noise"], default=None,
+                        help="add a poisoned hospital")
+    parser.add_argument("--root-subjects", type=int, default=3)
+    parser.add_argument("--root-steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--work", type=Path, default=None, help="working folder (default: "
+                        "a temporary one)")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "weak-root",
+                        help="where the weak root model is kept between runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "improvement")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("info")
+    logging.getLogger("bench").setLevel(logging.INFO)
+    config = RunConfig(generations=args.generations, studies_per_round=args.studies,
+                       slices=args.slices, matrix=args.matrix, steps=args.steps,
+                       threads=args.threads, eval_per_site=args.eval_per_site,
+                       eval_slices=args.eval_slices, slice_dice_threshold=args.threshold,
+                       arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
+                       poison=args.poison, seed=args.seed)
+    started = time.perf_counter()
+    root_params = {"subjects": args.root_subjects}
+    if args.root_steps is not None:
+        root_params["steps"] = args.root_steps
+    root_dir = weak_root(args.cache, **root_params)
+    datasets = evaluation_set(config)
+    start = starting_dice(root_dir, {site: [example for _, example in cases]
+                                     for site, cases in datasets.items()})
+    print("weak root, mean Dice per site: " + ", ".join(f"{s} {d:.3f}" for s, d in
+                                                         sorted(start.items())), flush=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="dafne-improvement-"))
+    results = [run_arm(arm, config, work / arm, root_dir, datasets, progress=print)
+               for arm in config.arms]
+    records = [record for result in results for record in result.records]
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([".venv/bin/python", "bench/federated_improvement.py",
+                          *(argv if argv is not None else sys.argv[1:])])
+    fits = {result.arm: {"overall": dataclasses.asdict(fit_slope(records, arm=result.arm)),
+                         "sites": {site: dataclasses.asdict(fit) for site, fit in
+                                   per_site_fits(records, result.arm).items()}}
+            for result in results}
+    (args.out / "results.json").write_text(json.dumps({
+        "command": command, "config": dataclasses.asdict(config), "starting_dice": start,
+        "records": [dataclasses.asdict(r) for r in records],
+        "outcomes": {r.arm: [dataclasses.asdict(o) for o in r.outcomes] for r in results},
+        "fits": fits, "seconds": time.perf_counter() - started}, indent=2))
+    text = table(records)
+    (args.out / "table.md").write_text(text + "\n")
+    plot_dice(records, args.out / "dice.png", title="Validation Dice per generation")
+    print(text)
+    for arm, fit in fits.items():
+        overall = fit["overall"]
+        promoted = sum(o.promoted for r in results if r.arm == arm for o in r.outcomes)
+        print(f"{arm}: slope {overall['slope']:+.4f} Dice/generation (95 % CI "
+              f"{overall['ci_low']:+.4f}..{overall['ci_high']:+.4f}, p {overall['p_value']:.2g}"
+              f", {overall['method']}), {promoted}/{config.generations} generations promoted")
+    print(f"command: {command}\nresults in {args.out} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

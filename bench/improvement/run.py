@@ -1,0 +1,320 @@
+"""The multi-hospital run: real server, real nodes, real DICOM, generation after generation.
+
+For each arm (``ours``: FedBuff with the relative gate; ``dafne``: Dafne's merge rule with its
+absolute threshold), with the same data and seeds:
+
+1. A federation server (``dafne-federation serve``, its own process, real HTTP) seeded with
+   the weak root model, and one node per hospital (``dafne-node serve`` with its trainer).
+2. Every generation, each hospital due to train receives new studies of its own protocol
+   over DICOM; its node segments them and sends the SEGs to the hospital's PACS; the
+   simulated radiologist corrects each SEG and sends the correction back as a viewer would;
+   the node trains in its (always open) window and uploads its delta.
+3. When every due upload has arrived, ``dafne-federation worker --once`` aggregates and
+   gates them into the next generation, and the nodes pull it.
+4. Before the first and after every generation the root model is scored on a fixed
+   evaluation set per site that is never used for training.
+
+A hospital that trains only every k-th generation pulls only right after its own rounds,
+so its next update is k-1 generations stale. A poisoned hospital either permutes the muscle
+labels of its corrections (``label-flip``: its node trains on them and uploads an honestly
+computed, harmful delta) or uploads scaled noise with its token (``noise``).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+
+from bench.improvement.hospital import Hospital, HospitalPlan, NodeSettings
+from bench.improvement.radiologist import (
+    correct,
+    poison_label_flip,
+    read_seg_labels,
+    write_correction,
+)
+from bench.improvement.stats import DiceRecord
+from dafne_node.model.architectures import build_model
+from dafne_node.model.infer import Segmenter
+from dafne_node.model.manifest import ModelManifest, load_manifest
+from dafne_node.model.train import TrainingExample, evaluate
+from dafne_node.phantom import make_study
+from dafne_node.phantom.study import write_study
+from tests.federation.server import (
+    FederationSetup,
+    bundled_model,
+    make_update,
+    set_up,
+    start_api,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+ARMS = {"ours": "fedbuff", "dafne": "dafne"}
+"""Arm name -> the strategy its server's model is created with."""
+
+EVAL_SEED = 70_000
+STUDY_SEED = 20_000
+NOISE_SCALE = 0.05
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Sizes of a run; the defaults are the full run (see docs/federated-improvement.md)."""
+
+    hospitals: tuple[HospitalPlan, ...] = (
+        HospitalPlan("hospital-a", "A"), HospitalPlan("hospital-b", "B"),
+        HospitalPlan("hospital-c", "C"), HospitalPlan("hospital-d", "D", train_every=3))
+    generations: int = 10
+    studies_per_round: int = 3
+    slices: int = 24
+    matrix: int | None = None
+    steps: int = 20
+    threads: int = 1
+    eval_per_site: int = 2
+    eval_slices: int = 24
+    gate_slices: int = 16
+    slice_dice_threshold: float | None = None
+    arms: tuple[str, ...] = ("ours", "dafne")
+    poison: str | None = None
+    """``label-flip`` or ``noise``: adds hospital ``hospital-x`` (site A) that poisons."""
+    seed: int = 0
+    base_port: int = 12100
+
+    def plans(self) -> tuple[HospitalPlan, ...]:
+        """The hospitals, with the poisoned one when asked for."""
+        if self.poison is None:
+            return self.hospitals
+        return (*self.hospitals, HospitalPlan("hospital-x", "A", poison=self.poison))
+
+
+@dataclass
+class GenerationOutcome:
+    """What the server did with one generation's updates."""
+
+    round: int
+    number: int | None
+    promoted: bool
+    reason: str
+    updates: int
+    seconds: float
+
+
+@dataclass
+class ArmResult:
+    """Everything one arm produced."""
+
+    arm: str
+    records: list[DiceRecord] = field(default_factory=list)
+    outcomes: list[GenerationOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def evaluation_set(config: RunConfig) -> dict[str, list[tuple[str, TrainingExample]]]:
+    """The fixed evaluation datasets per site (subjects no hospital ever sees)."""
+    sites = sorted({plan.site for plan in config.hospitals})
+    out: dict[str, list[tuple[str, TrainingExample]]] = {}
+    for s, site in enumerate(sites):
+        out[site] = []
+        for i in range(config.eval_per_site):
+            study = make_study(site=site, seed=EVAL_SEED + 100 * s + i,
+                               slices=config.eval_slices, matrix=config.matrix)
+            out[site].append((f"{site}{i}", TrainingExample(
+                study.pixels, study.labels, tuple(study.pixel_spacing))))
+    return out
+
+
+def score(manifest: ModelManifest, state: dict[str, torch.Tensor], arm: str, generation: int,
+          datasets: dict[str, list[tuple[str, TrainingExample]]]) -> list[DiceRecord]:
+    """Dice of a root model on every evaluation dataset (fp32, as the server's gate scores)."""
+    network = build_model(manifest.architecture.id, manifest.architecture.params)
+    network.load_state_dict(state)
+    segmenter = Segmenter(network, manifest.preprocessing.to_config(), manifest=manifest,
+                          precision="fp32")
+    records = []
+    for site, cases in datasets.items():
+        result = evaluate(segmenter, [example for _, example in cases], manifest.to_labels())
+        records.extend(DiceRecord(arm=arm, generation=generation, site=site, dataset=name,
+                                  dice=float(dice))
+                       for (name, _), dice in zip(cases, result.per_example, strict=True))
+    return records
+
+
+class _Server:
+    """The arm's federation server as the driver and the nodes see it."""
+
+    def __init__(self, setup: FederationSetup, url: str) -> None:
+        self.setup = setup
+        self.url = url
+        self._admin = {"Authorization": f"Bearer {setup.admin_token}"}
+
+    def latest(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/v1/models/leg/generations/latest",
+                         headers=self._admin, timeout=30).json()
+
+    def root(self) -> dict[str, torch.Tensor]:
+        """The weights of the latest promoted generation."""
+        latest = self.latest()
+        return load_safetensors(httpx.get(f"{self.url}{latest['weights_url']}",
+                                          headers=self._admin, timeout=60).content)
+
+    def pending(self) -> int:
+        status = httpx.get(f"{self.url}/v1/admin/status", headers=self._admin,
+                           timeout=30).json()
+        return int(status["models"][0]["pending"])
+
+    def aggregate(self) -> dict[str, Any] | None:
+        """``dafne-federation worker --once``; the newest candidate it recorded, if any."""
+        before = self._history()
+        subprocess.run([_federation_cli(), "worker", "--once", "--config",
+                        str(self.setup.config_path)], check=True, capture_output=True)
+        after = self._history()
+        return after[-1] if len(after) > len(before) else None
+
+    def _history(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.url}/v1/models/leg/generations", headers=self._admin,
+                         timeout=30).json()
+
+
+def _federation_cli() -> str:
+    return str(Path(sys.executable).with_name("dafne-federation"))
+
+
+def _train_round(hospital: Hospital, config: RunConfig, round_: int, folder: Path,
+                 labels: Sequence[int]) -> None:
+    """New studies in, SEGs out, corrections back: the hospital's part of one generation."""
+    plan = hospital.plan
+    studies = []
+    for i in range(config.studies_per_round):
+        seed = STUDY_SEED + 1000 * config.seed + 100 * round_ + 10 * \
+            config.plans().index(plan) + i
+        study = make_study(site=plan.site, seed=seed, slices=config.slices, matrix=config.matrix)
+        files = write_study(study, folder / f"{plan.name}-r{round_}-s{i}")
+        hospital.send(files.images, "MODALITY")
+        studies.append((study, files))
+    segs = hospital.wait_segs([s.series_instance_uid for s, _ in studies], timeout=600)
+    for n, (study, files) in enumerate(studies):
+        predicted = read_seg_labels(segs[study.series_instance_uid], files.images)
+        label_map = correct(predicted, np.asarray(study.labels), labels=labels,
+                            slice_dice_threshold=config.slice_dice_threshold).label_map
+        if plan.poison == "label-flip":
+            label_map = poison_label_flip(label_map, labels=labels, seed=config.seed)
+        out = write_correction(files.images, label_map,
+                               folder / f"{plan.name}-r{round_}-c{n}.dcm")
+        hospital.send([out], "VIEWER")
+
+
+def _last_run_id(status: dict[str, Any]) -> int:
+    run = status.get("training", {}).get("last_run") or {}
+    return int(run.get("job_id") or 0)
+
+
+def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
+            datasets: dict[str, list[tuple[str, TrainingExample]]],
+            progress: Callable[[str], None] = LOGGER.info) -> ArmResult:
+    """One arm of the run, from the weak root to ``config.generations`` generations."""
+    started = time.perf_counter()
+    result = ArmResult(arm=arm)
+    plans = config.plans()
+    seed_manifest = load_manifest(root_dir)
+    labels = [label.value for label in seed_manifest.labels]
+    setup = set_up(work / "server", nodes=tuple(p.name for p in plans), strategy=ARMS[arm],
+                   model_dir=root_dir, validation_sites="A,B,C,D", validation_per_site=1,
+                   validation_slices=config.gate_slices)
+    offset = config.base_port + 20 * list(ARMS).index(arm)
+    with start_api(setup) as url:
+        server = _Server(setup, url)
+        hospitals = [Hospital(
+            plan, work / plan.name, dicom_port=offset + 2 * i, http_port=offset + 2 * i + 1,
+            federation={"url": url, "model": "leg", "token": setup.tokens[plan.name],
+                        "public_key": setup.public_key},
+            settings=NodeSettings(model_dir=root_dir, min_new_examples=config.studies_per_round,
+                                  steps=config.steps, threads=config.threads,
+                                  poll_interval_s=1.0 if plan.train_every == 1 else 3600.0))
+            for i, plan in enumerate(plans)]
+        try:
+            for hospital in hospitals:
+                hospital.start()
+            result.records += score(seed_manifest, server.root(), arm, 0, datasets)
+            for round_ in range(1, config.generations + 1):
+                outcome = _generation(arm, config, round_, hospitals, server, work, labels)
+                result.outcomes.append(outcome)
+                result.records += score(seed_manifest, server.root(), arm, round_, datasets)
+                mean = float(np.mean([r.dice for r in result.records
+                                      if r.generation == round_]))
+                progress(f"{arm}: generation {round_}/{config.generations}: "
+                         f"{'promoted g' + str(outcome.number) if outcome.promoted else 'rejected'}"
+                         f" ({outcome.updates} updates, {outcome.seconds:.0f} s), "
+                         f"mean Dice {mean:.3f}")
+        finally:
+            for hospital in hospitals:
+                hospital.stop()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _generation(arm: str, config: RunConfig, round_: int, hospitals: list[Hospital],
+                server: _Server, work: Path, labels: Sequence[int]) -> GenerationOutcome:
+    started = time.perf_counter()
+    due = [h for h in hospitals if (round_ - 1) % h.plan.train_every == 0]
+    honest = [h for h in due if h.plan.poison != "noise"]
+    before = {h.plan.name: _last_run_id(h.status()) for h in honest}
+    sent_before = {h.plan.name: h.status()["federation"]["uploads"]["sent"] for h in honest}
+    studies = work / "studies"
+    for hospital in honest:
+        _train_round(hospital, config, round_, studies, labels)
+    expected = 0
+    for hospital in honest:
+        status = hospital.wait_status(
+            "its training run", lambda s, h=hospital: _last_run_id(s) > before[h.plan.name]
+            and (s["training"]["last_run"] or {}).get("finished_at") is not None, 1800)
+        if status["training"]["last_run"]["outcome"] == "accepted":
+            expected += 1
+            hospital.wait_status("its upload", lambda s, h=hospital: s["federation"]["uploads"]
+                                 ["sent"] > sent_before[h.plan.name], 300)
+        else:
+            LOGGER.warning("%s: %s: local run %s: %s", arm, hospital.plan.name,
+                           status["training"]["last_run"]["outcome"],
+                           status["training"]["last_run"].get("reason"))
+    for hospital in due:
+        if hospital.plan.poison == "noise":
+            _upload_noise(server, hospital.plan.name, round_)
+            expected += 1
+    candidate = server.aggregate() if expected else None
+    number = candidate["number"] if candidate else None
+    promoted = bool(candidate and candidate["state"] == "promoted")
+    if promoted:
+        for hospital in hospitals:
+            if hospital.plan.train_every == 1 and hospital.plan.poison != "noise":
+                hospital.wait_status(f"generation {number}", lambda s: s["federation"]
+                                     ["generation_in_use"] == number, 300)
+            elif hospital in due and hospital.plan.poison != "noise":
+                hospital.restart_node()  # a slow hospital pulls only after its own rounds
+                hospital.wait_status(f"generation {number}", lambda s: s["federation"]
+                                     ["generation_in_use"] == number, 300)
+    return GenerationOutcome(round=round_, number=number, promoted=promoted,
+                             reason=candidate["reason"] if candidate else "no update",
+                             updates=len(candidate["updates"]) if candidate else 0,
+                             seconds=time.perf_counter() - started)
+
+
+def _upload_noise(server: _Server, name: str, round_: int) -> None:
+    """The ``noise`` poison: scaled Gaussian noise against the latest generation."""
+    latest = server.latest()
+    body = make_update(bundled_model(), seed=round_, scale=NOISE_SCALE,
+                       base_generation=int(latest["number"]), base_sha256=latest["sha256"])
+    answer = httpx.post(f"{server.url}/v1/models/leg/updates", content=body, timeout=60,
+                        headers={"Authorization": f"Bearer {server.setup.tokens[name]}",
+                                 "Idempotency-Key": f"noise-{round_}"})
+    LOGGER.info("poisoned upload from %s: %d %s", name, answer.status_code,
+                answer.json().get("detail", ""))
