@@ -170,6 +170,8 @@ class Hospital:
         out = {}
         for record in list(self._index.records.values()):
             path = self.folder / "pacs" / record.spool_path
+            if not path.exists():  # indexed, its file not renamed into place yet
+                continue
             seg = dcmread(path, stop_before_pixels=True)
             out[str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)] = path
         return out
