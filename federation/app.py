@@ -80,12 +80,11 @@ def create_app(config: FederationConfig, *, sessions: sessionmaker[Session] | No
         Artifact store (default: ``config.storage_location``).
     """
     sessions = sessions or make_session_factory(make_engine(config.database_url))
-    shape_cache: dict[str, Mapping[str, torch.Tensor]] = {}
     context = ServerContext(
         config=config, sessions=sessions, store=store or open_store(config.storage_location),
         admin_token_sha256=read_admin_token_hash(config),
         limits=IntakeLimits.from_config(config.server.max_update_mb, config.aggregation),
-        reference_shapes=_reference_shapes(shape_cache), shape_cache=shape_cache)
+        reference_shapes=_reference_shapes({}))
     app = FastAPI(
         title="Dafne federation API", version=__version__,
         description="Nodes upload weight deltas (never images) and pull signed, validated "

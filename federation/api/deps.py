@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
@@ -54,7 +54,6 @@ class ServerContext:
     limits: IntakeLimits
     reference_shapes: Callable[[FedModel], Mapping[str, torch.Tensor]]
     """Tensors with a model's names and shapes (on the meta device), for shape checks."""
-    shape_cache: dict[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def get_context(request: Request) -> ServerContext:
