@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--eval-per-site", type=int, default=defaults.eval_per_site)
     parser.add_argument("--eval-slices", type=int, default=defaults.eval_slices)
+    parser.add_argument("--max-site-drop", type=float, default=defaults.max_site_drop,
+                        help="the gate's per-site allowance in our arm")
     parser.add_argument("--threshold", type=float, default=None,
                         help="the radiologist corrects only slices below this Dice")
     parser.add_argument("--arms", default=",".join(defaults.arms),
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                        slices=args.slices, matrix=args.matrix, steps=args.steps,
                        threads=args.threads, eval_per_site=args.eval_per_site,
                        eval_slices=args.eval_slices, slice_dice_threshold=args.threshold,
+                       max_site_drop=args.max_site_drop,
                        arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
                        poison=args.poison, seed=args.seed)
     started = time.perf_counter()

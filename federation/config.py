@@ -105,6 +105,10 @@ class GateSection(Section):
     max_mean_drop: float = Field(default=0.01, ge=0, le=1)
     max_site_drop: float = Field(default=0.03, ge=0, le=1)
     min_dice: float = Field(default=-0.001, ge=-1, le=1)
+    screen_updates: bool = True
+    """Leave out of a candidate each update whose presence lowers its validation Dice by more
+    than ``max_influence_drop`` (:mod:`federation.screening`; FedBuff models only)."""
+    max_influence_drop: float = Field(default=0.005, ge=0, le=1)
     validation_dir: Path | None = None
     """Folder of validation cases (``site-<S>-<i>.npz``); default ``<data_dir>/validation``."""
     threads: int | None = Field(default=None, ge=1, le=256)

@@ -47,6 +47,7 @@ from federation.registry import (
     store_generation_manifest,
     store_weights,
 )
+from federation.screening import screen
 from federation.storage import ArtifactStore
 from federation.strategies import BufferedUpdate, Strategy, make_strategy
 from federation.validation import ValidationCase
@@ -204,16 +205,23 @@ class Aggregator:
         if not updates:
             return None
         bases: dict[int, Mapping[str, torch.Tensor]] = {current_number: state}
-        result = strategy.aggregate(state, current_number, updates,
-                                          lambda n: self._base_weights(model_name, n, bases))
+        screening = screen(
+            updates,
+            build=lambda chosen: strategy.aggregate(
+                state, current_number, chosen, lambda n: self._base_weights(model_name, n, bases)),
+            score=lambda weights: score_state(seed, weights, self._validation,
+                                              threads=self._config.gate.threads),
+            max_influence_drop=self._config.gate.max_influence_drop
+            if self._screens(model_strategy) else None)
+        result, scores, updates = screening.candidate, screening.scores, screening.kept
         stored = store_weights(self._store, f"models/{model_name}/candidates/"
                                             f"{uuid.uuid4().hex}.safetensors", result.state)
-        scores = score_state(seed, result.state, self._validation,
-                             threads=self._config.gate.threads)
         decision = gate.decide(current_scores, scores)
         ids = [u.update_id for u in updates]
         clipped = set(result.notes.get("clipped", []))
         with self._sessions() as session, session.begin():
+            for update_id, reason in screening.refused.items():
+                repo.refuse_update(session, update_id, reason)
             candidate = repo.add_generation(
                 session, model_name=model_name, state=GenerationState.CANDIDATE, number=None,
                 parent_number=current_number, strategy=model_strategy,
@@ -240,7 +248,8 @@ class Aggregator:
         outcome = AggregationOutcome(
             model=model_name, candidate_id=candidate_id, promoted=decision.promote,
             number=number, reason=decision.reason, update_ids=tuple(ids), scores=scores,
-            seconds=time.perf_counter() - started, refused=tuple(refused))
+            seconds=time.perf_counter() - started,
+            refused=(*refused, *screening.refused))
         LOGGER.info("model %s: candidate %d from %d updates %s: %s (mean Dice %.4f) in %.1f s",
                     model_name, candidate_id, len(ids),
                     f"promoted to generation {number}" if number else "rejected",
@@ -248,6 +257,10 @@ class Aggregator:
                     extra={"model": model_name, "candidate": candidate_id,
                            "generation": number, "updates": ids})
         return outcome
+
+    def _screens(self, strategy: str) -> bool:
+        """Screening is on for FedBuff; Dafne's rule stays the baseline as Dafne has it."""
+        return self._config.gate.screen_updates and strategy != "dafne"
 
     def _score_current(self, seed: ModelManifest, generation_id: int,
                        state: Mapping[str, torch.Tensor]) -> Scores:

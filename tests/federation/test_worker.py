@@ -38,9 +38,10 @@ def base() -> BaseModel:
     return bundled_model()
 
 
-def _setup(tmp_path: Path, strategy: str | None = None, **aggregation: object
-           ) -> FederationSetup:
-    sections = {"aggregation": {"buffer_size": 2, "flush_interval_s": 600.0, **aggregation}}
+def _setup(tmp_path: Path, strategy: str | None = None, *, screen_updates: bool = True,
+           **aggregation: object) -> FederationSetup:
+    sections = {"aggregation": {"buffer_size": 2, "flush_interval_s": 600.0, **aggregation},
+                "gate": {"screen_updates": screen_updates}}
     return set_up(tmp_path, sections=sections, nodes=("hospital-a", "hospital-b", "hospital-c"),
                   strategy=strategy)
 
@@ -123,9 +124,31 @@ def _wreck(base: BaseModel) -> dict[str, torch.Tensor]:
     return delta
 
 
-def test_a_candidate_that_loses_validation_dice_is_rejected_and_kept(
+def test_an_update_that_drags_the_candidate_down_is_refused_and_the_rest_promoted(
         setup: FederationSetup, client: TestClient, base: BaseModel) -> None:
     worker = _aggregator(setup, Clock())
+    wreck = _push(client, setup, "hospital-a", make_update(base, _wreck(base)), "wreck")
+    fine = _push(client, setup, "hospital-b", make_update(base, seed=3), "fine")
+
+    (outcome,) = worker.tick()
+
+    assert outcome.promoted and outcome.number == 2
+    assert outcome.update_ids == (fine,) and outcome.refused == (wreck,)
+    admin = {"Authorization": f"Bearer {setup.admin_token}"}
+    refused = client.get(f"/v1/updates/{wreck}", headers=admin).json()
+    assert refused["state"] == "refused"
+    assert refused["reason"].startswith("refused on negative influence: the candidate's mean "
+                                        "validation Dice is ")
+    history = client.get("/v1/models/leg/generations", headers=admin).json()
+    assert history[-1]["updates"] == [fine]
+    assert history[-1]["validation"]["mean"] >= history[0]["validation"]["mean"] - 0.01
+
+
+def test_a_candidate_that_loses_validation_dice_is_rejected_and_kept(
+        tmp_path: Path, base: BaseModel) -> None:
+    setup = _setup(tmp_path, screen_updates=False)  # so that the wreck stays in
+    worker = _aggregator(setup, Clock())
+    client = TestClient(create_app(setup.config))
     ids = [_push(client, setup, "hospital-a", make_update(base, _wreck(base)), "wreck"),
            _push(client, setup, "hospital-b", make_update(base, seed=3), "fine")]
     (outcome,) = worker.tick()
