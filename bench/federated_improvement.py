@@ -40,7 +40,8 @@ if str(ROOT) not in sys.path:
 from bench.improvement.plot import plot_dice  # noqa: E402 - path set up above
 from bench.improvement.root import starting_dice, weak_root  # noqa: E402
 from bench.improvement.run import RunConfig, evaluation_set, run_arm  # noqa: E402
-from bench.improvement.stats import fit_slope, per_site_fits, table  # noqa: E402
+from bench.improvement.stats import DiceRecord, fit_slope, per_site_fits, table  # noqa: E402
+from bench.improvement.targets import check_targets  # noqa: E402
 from dafne_node.logs import setup_logging  # noqa: E402
 
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ours, dafne or both")
     parser.add_argument("--poison", choices=["label-flip", "noise"], default=None,
                         help="add a poisoned hospital")
+    parser.add_argument("--clean", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="results.json of the same run without the poisoned hospital, "
+                        "to compare the final Dice with")
     parser.add_argument("--root-subjects", type=int, default=3)
     parser.add_argument("--root-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -108,25 +112,39 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join([".venv/bin/python", "bench/federated_improvement.py",
                           *(argv if argv is not None else sys.argv[1:])])
-    fits = {result.arm: {"overall": dataclasses.asdict(fit_slope(records, arm=result.arm)),
-                         "sites": {site: dataclasses.asdict(fit) for site, fit in
-                                   per_site_fits(records, result.arm).items()}}
-            for result in results}
+    overall = {result.arm: fit_slope(records, arm=result.arm) for result in results}
+    sites = {result.arm: per_site_fits(records, result.arm) for result in results}
+    clean = [DiceRecord(**r) for r in json.loads(args.clean.read_text())["records"]] \
+        if args.clean else None
+    targets = {result.arm: check_targets(
+        records, arm=result.arm, fit=overall[result.arm],
+        promoted=[o.promoted for o in result.outcomes],
+        baseline_arm="dafne" if result.arm == "ours" else None,
+        clean=[r for r in clean if r.arm == result.arm] if clean else None)
+        for result in results}
     (args.out / "results.json").write_text(json.dumps({
         "command": command, "config": dataclasses.asdict(config), "starting_dice": start,
         "records": [dataclasses.asdict(r) for r in records],
         "outcomes": {r.arm: [dataclasses.asdict(o) for o in r.outcomes] for r in results},
-        "fits": fits, "seconds": time.perf_counter() - started}, indent=2))
+        "fits": {arm: {"overall": dataclasses.asdict(fit),
+                       "sites": {site: dataclasses.asdict(f) for site, f in sites[arm].items()}}
+                 for arm, fit in overall.items()},
+        "targets": {arm: [dataclasses.asdict(t) for t in checks]
+                                  for arm, checks in targets.items()},
+        "seconds": {**{r.arm: r.seconds for r in results},
+                    "total": time.perf_counter() - started}}, indent=2))
     text = table(records)
     (args.out / "table.md").write_text(text + "\n")
     plot_dice(records, args.out / "dice.png", title="Validation Dice per generation")
     print(text)
-    for arm, fit in fits.items():
-        overall = fit["overall"]
-        promoted = sum(o.promoted for r in results if r.arm == arm for o in r.outcomes)
-        print(f"{arm}: slope {overall['slope']:+.4f} Dice/generation (95 % CI "
-              f"{overall['ci_low']:+.4f}..{overall['ci_high']:+.4f}, p {overall['p_value']:.2g}"
-              f", {overall['method']}), {promoted}/{config.generations} generations promoted")
+    for result in results:
+        promoted = sum(o.promoted for o in result.outcomes)
+        print(f"{result.arm}: {overall[result.arm].format()}; {promoted} of "
+              f"{config.generations} generations promoted; {result.seconds / 60:.0f} min")
+        for site, fit in sites[result.arm].items():
+            print(f"  site {site}: {fit.format()}")
+        for target in targets[result.arm]:
+            print(f"  {target.format()}")
     print(f"command: {command}\nresults in {args.out} ({time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -112,6 +112,8 @@ class GenerationOutcome:
     reason: str
     updates: int
     seconds: float
+    refused: list[str] = field(default_factory=list)
+    """``node: reason`` of each update the server refused at this aggregation (screening)."""
 
 
 @dataclass
@@ -172,18 +174,22 @@ class _Server:
         return load_safetensors(httpx.get(f"{self.url}{latest['weights_url']}",
                                           headers=self._admin, timeout=60).content)
 
-    def pending(self) -> int:
+    def refused(self) -> dict[str, str]:
+        """The newest refused updates: id -> ``node: reason``."""
         status = httpx.get(f"{self.url}/v1/admin/status", headers=self._admin,
                            timeout=30).json()
-        return int(status["models"][0]["pending"])
+        return {str(r["id"]): f"{r['node']}: {r['reason']}"
+                for r in status["models"][0]["refused"]}
 
-    def aggregate(self) -> dict[str, Any] | None:
-        """``dafne-federation worker --once``; the newest candidate it recorded, if any."""
-        before = self._history()
+    def aggregate(self) -> tuple[dict[str, Any] | None, list[str]]:
+        """``dafne-federation worker --once``: the newest candidate it recorded, if any, and
+        the updates it refused (``node: reason``)."""
+        before, refused_before = self._history(), self.refused()
         subprocess.run([_federation_cli(), "worker", "--once", "--config",
                         str(self.setup.config_path)], check=True, capture_output=True)
         after = self._history()
-        return after[-1] if len(after) > len(before) else None
+        refused = [why for uid, why in self.refused().items() if uid not in refused_before]
+        return (after[-1] if len(after) > len(before) else None), refused
 
     def _history(self) -> list[dict[str, Any]]:
         return httpx.get(f"{self.url}/v1/models/leg/generations", headers=self._admin,
@@ -257,10 +263,14 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
                 result.records += score(seed_manifest, server.root(), arm, round_, datasets)
                 mean = float(np.mean([r.dice for r in result.records
                                       if r.generation == round_]))
-                progress(f"{arm}: generation {round_}/{config.generations}: "
-                         f"{'promoted g' + str(outcome.number) if outcome.promoted else 'rejected'}"
-                         f" ({outcome.updates} updates, {outcome.seconds:.0f} s), "
-                         f"mean Dice {mean:.3f}")
+                elapsed = time.perf_counter() - started
+                left = elapsed / round_ * (config.generations - round_)
+                verdict = f"promoted g{outcome.number}" if outcome.promoted else "rejected"
+                refused = f", {len(outcome.refused)} refused" if outcome.refused else ""
+                progress(f"{arm}: generation {round_}/{config.generations}: {verdict} "
+                         f"({outcome.updates} updates{refused}, {outcome.seconds:.0f} s), "
+                         f"mean Dice {mean:.3f}; {elapsed / 60:.0f} min so far, about "
+                         f"{left / 60:.0f} min to go")
         finally:
             for hospital in hospitals:
                 hospital.stop()
@@ -297,7 +307,7 @@ def _generation(arm: str, config: RunConfig, round_: int, hospitals: list[Hospit
         if hospital.plan.poison == "noise":
             _upload_noise(server, hospital.plan.name, round_)
             expected += 1
-    candidate = server.aggregate() if expected else None
+    candidate, refused = server.aggregate() if expected else (None, [])
     number = candidate["number"] if candidate else None
     promoted = bool(candidate and candidate["state"] == "promoted")
     if promoted:
@@ -312,7 +322,7 @@ def _generation(arm: str, config: RunConfig, round_: int, hospitals: list[Hospit
     return GenerationOutcome(round=round_, number=number, promoted=promoted,
                              reason=candidate["reason"] if candidate else "no update",
                              updates=len(candidate["updates"]) if candidate else 0,
-                             seconds=time.perf_counter() - started)
+                             seconds=time.perf_counter() - started, refused=refused)
 
 
 def _upload_noise(server: _Server, name: str, round_: int) -> None:

@@ -17,6 +17,7 @@ from bench.improvement.stats import (
     per_site_fits,
     table,
 )
+from bench.improvement.targets import Target, check_targets
 
 SITES = "ABCD"
 
@@ -139,3 +140,60 @@ def test_plot_writes_the_same_png_twice(tmp_path: Path) -> None:
 def test_numpy_scalars_become_plain_numbers() -> None:
     record = DiceRecord("ours", np.int64(3), "A", "0", np.float32(0.5))
     assert type(record.generation) is int and type(record.dice) is float
+
+
+def _by_name(targets: list[Target]) -> dict[str, Target]:
+    return {t.name: t for t in targets}
+
+
+def test_targets_of_a_run_that_rises_steadily_to_090_are_met() -> None:
+    # 0.60 at the root, +0.031 per generation: above 0.90 on every site after 10.
+    rng = np.random.default_rng(1)
+    ours = [DiceRecord("ours", g, site, str(d), 0.6 + 0.031 * g + rng.normal(0, 0.002))
+            for site in SITES for d in range(3) for g in range(11)]
+    dafne = synthetic(arm="dafne", slope=0.02, generations=11)
+    targets = _by_name(check_targets(
+        ours + dafne, arm="ours", fit=fit_slope(ours, arm="ours"), promoted=[True] * 10,
+        baseline_arm="dafne", clean=ours))
+    assert all(t.met for t in targets.values()), [t.format() for t in targets.values()]
+    assert set(targets) == {
+        "slope per generation", "generations promoted", "final mean Dice on every site",
+        "final mean Dice above the dafne arm's",
+        "largest drop of mean Dice in a promoted generation",
+        "final mean Dice with the poisoned hospital"}
+
+
+def test_targets_name_what_a_run_missed() -> None:
+    rising = synthetic(slope=0.01, slope_sd=0.0, intercept_sd=0.0, noise=0.002,
+                       generations=11)
+    # generation 5 falls by 0.05 on every dataset and is promoted all the same
+    records = [DiceRecord(r.arm, r.generation, r.site, r.dataset,
+                          r.dice - (0.05 if r.generation == 5 else 0.0)) for r in rising]
+    better_baseline = [DiceRecord("dafne", r.generation, r.site, r.dataset, r.dice + 0.05)
+                       for r in rising]
+    clean = [DiceRecord(r.arm, r.generation, r.site, r.dataset, r.dice + 0.03) for r in rising]
+    promoted = [True] * 4 + [True] + [False] * 5
+
+    targets = _by_name(check_targets(
+        records + better_baseline, arm="ours", fit=fit_slope(records, arm="ours"),
+        promoted=promoted, baseline_arm="dafne", clean=clean))
+
+    assert targets["slope per generation"].met  # 0.01 a generation, p < 0.001
+    assert not targets["final mean Dice on every site"].met  # about 0.80
+    assert not targets["final mean Dice above the dafne arm's"].met
+    drop = targets["largest drop of mean Dice in a promoted generation"]
+    assert not drop.met and "(generation 5)" in drop.measured
+    assert targets["generations promoted"].met  # 5 of 10 is half
+    assert not targets["final mean Dice with the poisoned hospital"].met  # 0.03 below clean
+    assert "MISSED" in drop.format()
+
+
+def test_targets_leave_out_what_the_run_cannot_measure() -> None:
+    ours = synthetic(generations=11)
+    targets = _by_name(check_targets(ours, arm="ours", fit=fit_slope(ours, arm="ours"),
+                                     promoted=[False] * 10, baseline_arm="dafne"))
+    assert "final mean Dice above the dafne arm's" not in targets
+    assert "final mean Dice with the poisoned hospital" not in targets
+    assert not targets["generations promoted"].met
+    assert targets["largest drop of mean Dice in a promoted generation"].measured \
+        == "no promoted one"
