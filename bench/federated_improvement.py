@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the site's)")
     parser.add_argument("--steps", type=int, default=defaults.steps,
                         help="training steps of each node's run")
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate,
+                        help="the nodes' learning rate")
+    parser.add_argument("--server-lr", type=float, default=defaults.server_lr,
+                        help="our arm's FedBuff server learning rate")
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--eval-per-site", type=int, default=defaults.eval_per_site)
     parser.add_argument("--eval-slices", type=int, default=defaults.eval_slices)
@@ -75,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "to compare the final Dice with")
     parser.add_argument("--root-subjects", type=int, default=3)
     parser.add_argument("--root-steps", type=int, default=None)
+    parser.add_argument("--root-width", type=int, default=None,
+                        help="base channels of the root's network (the product's model: 16)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: "
                         "a temporary one)")
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bench").setLevel(logging.INFO)
     config = RunConfig(generations=args.generations, studies_per_round=args.studies,
                        slices=args.slices, matrix=args.matrix, steps=args.steps,
+                       learning_rate=args.lr, server_lr=args.server_lr,
                        threads=args.threads, eval_per_site=args.eval_per_site,
                        eval_slices=args.eval_slices, slice_dice_threshold=args.threshold,
                        max_site_drop=args.max_site_drop,
@@ -99,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     root_params = {"subjects": args.root_subjects}
     if args.root_steps is not None:
         root_params["steps"] = args.root_steps
+    if args.root_width is not None:
+        root_params["width"] = args.root_width
     root_dir = weak_root(args.cache, **root_params)
     datasets = evaluation_set(config)
     start = starting_dice(root_dir, {site: [example for _, example in cases]

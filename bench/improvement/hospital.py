@@ -50,6 +50,7 @@ class NodeSettings:
     """The run's root model (generation 1 of the server)."""
     min_new_examples: int
     steps: int
+    learning_rate: float
     threads: int = 1
     poll_interval_s: float = 1.0
 
@@ -89,10 +90,11 @@ class Hospital:
         config.write_text(
             f'default_destination = "pacs"\n[[destinations]]\nname = "pacs"\n'
             f'ae_title = "PACS"\nhost = "127.0.0.1"\nport = {self._pacs.port}\n'
-            "[assembly]\nquiet_period_s = 1\n"
+            "[assembly]\nquiet_period_s = 3\n"
             f"[model]\ndir = {_toml(settings.model_dir)}\n"
             f"[training]\nmin_new_examples = {settings.min_new_examples}\n"
-            f"steps = {settings.steps}\nthreads = {settings.threads}\ncheck_every_s = 1\n"
+            f"steps = {settings.steps}\nlearning_rate = {settings.learning_rate!r}\n"
+            f"threads = {settings.threads}\ncheck_every_s = 1\n"
             '[[training.windows]]\nname = "always"\ncron = "* * * * *"\nmax_duration_h = 24\n'
             "[federation]\n"
             + "".join(f"{key} = {_toml(value)}\n" for key, value in self._federation.items())

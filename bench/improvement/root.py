@@ -43,6 +43,9 @@ __all__ = ["DEFAULT_STEPS", "build_weak_root", "cache_key", "starting_dice", "we
 DEFAULT_STEPS = 180
 """Optimiser steps of the weak root: enough to find the muscles, far from converged."""
 
+DEFAULT_WIDTH = 16
+"""The network's base channels, as in the product's model."""
+
 _KEY_VERSION = 1
 """Bumped when the build changes in a way the parameters do not show."""
 
@@ -53,6 +56,7 @@ def build_weak_root(
     subjects: int = 3,
     steps: int = DEFAULT_STEPS,
     slices: int = 24,
+    width: int = DEFAULT_WIDTH,
     seed: int = 0,
     val_subjects: int = 2,
     precision: Precision = "auto",
@@ -70,6 +74,9 @@ def build_weak_root(
         Optimiser steps of 8 slices.
     slices:
         Slices per training study.
+    width:
+        Channels of the network's full-resolution stage (``base_channels``; the product's
+        model has 16). Each step costs about the square of it.
     seed:
         Initial weights and training randomness.
     val_subjects:
@@ -91,7 +98,7 @@ def build_weak_root(
     return build_default_model(
         out_dir, train_subjects=subjects, val_subjects=val_subjects, steps=steps,
         slices=slices, seed=seed, eval_sites=("B", "C", "D") if val_subjects else (),
-        precision=precision, progress=progress,
+        precision=precision, progress=progress, params={"base_channels": width},
     )
 
 
@@ -100,6 +107,7 @@ def cache_key(
     subjects: int = 3,
     steps: int = DEFAULT_STEPS,
     slices: int = 24,
+    width: int = DEFAULT_WIDTH,
     seed: int = 0,
     val_subjects: int = 2,
     precision: Precision = "auto",
@@ -109,7 +117,7 @@ def cache_key(
     A hash of the parameters, with ``precision`` as this CPU resolves it.
     """
     params = {"version": _KEY_VERSION, "subjects": subjects, "steps": steps, "slices": slices,
-              "seed": seed, "val_subjects": val_subjects,
+              "width": width, "seed": seed, "val_subjects": val_subjects,
               "precision": resolve_precision(precision)}
     text = json.dumps(params, sort_keys=True)
     return "weak-root-" + hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -121,6 +129,7 @@ def weak_root(
     subjects: int = 3,
     steps: int = DEFAULT_STEPS,
     slices: int = 24,
+    width: int = DEFAULT_WIDTH,
     seed: int = 0,
     val_subjects: int = 2,
     precision: Precision = "auto",
@@ -137,8 +146,8 @@ def weak_root(
     """
     resolved = resolve_precision(precision)
     cache_dir = Path(cache_dir)
-    target = cache_dir / cache_key(subjects=subjects, steps=steps, slices=slices, seed=seed,
-                                   val_subjects=val_subjects, precision=resolved)
+    target = cache_dir / cache_key(subjects=subjects, steps=steps, slices=slices, width=width,
+                                   seed=seed, val_subjects=val_subjects, precision=resolved)
     if target.is_dir():
         try:
             load_model_dir(target)
@@ -149,11 +158,12 @@ def weak_root(
         else:
             return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    LOGGER.info("building the weak root %s: %d site-A subjects, %d steps, %d slices, seed %d, "
-                "%s", target.name, subjects, steps, slices, seed, resolved)
+    LOGGER.info("building the weak root %s: %d site-A subjects, %d steps, %d slices, width %d, "
+                "seed %d, %s", target.name, subjects, steps, slices, width, seed, resolved)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=cache_dir) as tmp:
         built = Path(tmp) / "model"
-        build_weak_root(built, subjects=subjects, steps=steps, slices=slices, seed=seed,
+        build_weak_root(built, subjects=subjects, steps=steps, slices=slices, width=width,
+                        seed=seed,
                         val_subjects=val_subjects, precision=resolved, progress=progress)
         try:
             built.rename(target)
