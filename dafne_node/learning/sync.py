@@ -49,7 +49,7 @@ from typing import Any, Literal
 import httpx
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -333,7 +333,8 @@ class SyncClient:
             LOGGER.warning("encoded update %d is missing; encoding its delta again", row.id)
         delta = load_delta(row.delta_path)
         first = row.payload_path is None
-        residual = self._load_residual(delta.tensors) if first else None
+        residual = self._load_residual(delta.tensors, delta.metadata.base_generation) \
+            if first else None
         encoded = encode_update(delta.tensors, delta.metadata,
                                 encoding=Encoding(self._settings.upload_encoding),
                                 density=self._settings.upload_density, residual=residual)
@@ -342,7 +343,8 @@ class SyncClient:
         pending = self._outbox / f"{row.id}{_PENDING_RESIDUAL}"
         if first:
             save_safetensors_atomically(pending, encoded.residual,
-                                        {"format": _RESIDUAL_FORMAT, "upload": str(row.id)})
+                                        {"format": _RESIDUAL_FORMAT, "upload": str(row.id),
+                                         "base_generation": str(delta.metadata.base_generation)})
         with self._sessions() as session, session.begin():
             stored = session.get(FederationUpload, row.id, with_for_update=True)
             if stored is not None:
@@ -355,16 +357,30 @@ class SyncClient:
                     delta.metadata.base_generation)
         return encoded.payload
 
-    def _load_residual(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """The residual the last encoding left, if it fits this delta (else dropped)."""
+    def _load_residual(self, delta: dict[str, torch.Tensor],
+                       base_generation: int) -> dict[str, torch.Tensor] | None:
+        """The residual the last encoding left, if it belongs with this delta (else dropped).
+
+        A delta against the same generation as the one that left the residual is cumulative:
+        the node trained on from its own local model (the generation its last update went
+        into was rejected, or has not been pulled yet), so the new delta already holds
+        everything the last encoding left out, and adding the residual would count that
+        twice. The residual carries over only to a delta against a newer generation.
+        """
         path = self._dir / RESIDUAL_FILE
         if not path.is_file():
             return None
         try:
+            with safe_open(str(path), framework="pt") as stored:
+                left_by = (stored.metadata() or {}).get("base_generation")
             residual = load_file(str(path), device="cpu")
             check_matches(residual, delta)
         except (SafetensorError, OSError, ValueError) as exc:
             LOGGER.warning("dropping the error-feedback residual %s: %s", path, exc)
+            return None
+        if left_by == str(base_generation):
+            LOGGER.info("not adding the error-feedback residual: the last update was against "
+                        "generation %d too, and this delta contains it", base_generation)
             return None
         if not all(torch.isfinite(tensor).all() for tensor in residual.values()):
             LOGGER.warning("dropping the error-feedback residual %s: NaN or Inf", path)

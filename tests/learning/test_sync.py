@@ -34,10 +34,10 @@ from dafne_node.app.cli import main
 from dafne_node.app.node import Node as NodeProcess
 from dafne_node.config import NodeConfig, load_config
 from dafne_node.inference.model import ActiveModel
-from dafne_node.learning.delta import DeltaMetadata, read_delta_metadata, save_delta
+from dafne_node.learning.delta import DeltaMetadata, load_delta, read_delta_metadata, save_delta
 from dafne_node.learning.sync import RESIDUAL_FILE, SIGNATURE_FILE, SyncClient
 from dafne_node.learning.training import run_now
-from dafne_node.learning.update import Encoding, decode_update
+from dafne_node.learning.update import EncodedUpdate, Encoding, decode_update, encode_update
 from dafne_node.model.manifest import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -208,21 +208,23 @@ def client(config: NodeConfig, sessions: sessionmaker[Session], server: FakeServ
 
 
 def queue_delta(config: NodeConfig, sessions: sessionmaker[Session], *,
-                local_round: int = 1, now: datetime = T0) -> FederationUpload:
-    """A delta file of an accepted run against the bundled generation, queued for upload."""
+                local_round: int = 1, now: datetime = T0,
+                base_generation: int = 1) -> FederationUpload:
+    """A delta file of an accepted run against generation ``base_generation``, queued."""
     root = load_model_dir(default_model_dir())
     generator = torch.Generator().manual_seed(local_round)
     tensors = {name: (torch.randn(value.shape, generator=generator) * 1e-3).half()
                for name, value in root.model.state_dict().items()}
     metadata = DeltaMetadata(
         model_name=root.manifest.name, architecture=root.manifest.architecture.id,
-        base_generation=1, base_sha256=root.manifest.weights.sha256, local_round=local_round,
-        num_samples=3, num_slices=36, metrics={"heldout_dice_after": 0.91})
-    path = (config.node.data_dir / "models" / f"dafne-leg-g1-local{local_round}"
-            / "delta.safetensors")
+        base_generation=base_generation, base_sha256=root.manifest.weights.sha256,
+        local_round=local_round, num_samples=3, num_slices=36,
+        metrics={"heldout_dice_after": 0.91})
+    path = (config.node.data_dir / "models"
+            / f"dafne-leg-g{base_generation}-local{local_round}" / "delta.safetensors")
     save_delta(path, tensors, metadata)
     with sessions() as session, session.begin():
-        return enqueue_upload(session, delta_path=path, base_generation=1,
+        return enqueue_upload(session, delta_path=path, base_generation=base_generation,
                               local_round=local_round, now=now)
 
 
@@ -731,3 +733,32 @@ def test_the_node_process_runs_the_sync_and_records_an_unreachable_server(
         state = session.get(FederationSync, "leg")
         assert state is not None and "ConnectError" in (state.last_error or "")
     engine.dispose()
+
+
+def test_the_residual_carries_over_to_a_newer_generation_only(
+    config: NodeConfig, sessions: sessionmaker[Session],
+) -> None:
+    """A second delta against the same generation is cumulative: the residual would count twice."""
+    server = FakeServer(uploads=[accepted(), accepted(), accepted()])
+    sync = client(config, sessions, server)
+    queue_delta(config, sessions, local_round=1)
+    assert sync.upload_due() == 1
+    same_base = queue_delta(config, sessions, local_round=2)
+    newer_base = queue_delta(config, sessions, local_round=1, base_generation=2)
+
+    assert sync.upload_due() == 2
+
+    def encoding(upload: FederationUpload, residual: dict[str, torch.Tensor] | None
+                 ) -> EncodedUpdate:
+        delta = load_delta(upload.delta_path)
+        return encode_update(delta.tensors, delta.metadata, density=0.2, residual=residual)
+
+    def same_tensors(payload: bytes, expected: EncodedUpdate) -> bool:
+        sent, wanted = decode_update(payload).tensors, decode_update(expected.payload).tensors
+        return all(torch.equal(sent[name], wanted[name]) for name in wanted)
+
+    _, cumulative, carried = server.posted()
+    assert same_tensors(cumulative.content, encoding(same_base, None))
+    left_over = encoding(same_base, None).residual
+    assert same_tensors(carried.content, encoding(newer_base, left_over))
+    assert not same_tensors(carried.content, encoding(newer_base, None))
