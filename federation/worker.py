@@ -209,8 +209,7 @@ class Aggregator:
             updates,
             build=lambda chosen: strategy.aggregate(
                 state, current_number, chosen, lambda n: self._base_weights(model_name, n, bases)),
-            score=lambda weights: score_state(seed, weights, self._validation,
-                                              threads=self._config.gate.threads),
+            score=lambda weights: self._score_holding_lease(model_name, seed, weights),
             max_influence_drop=self._config.gate.max_influence_drop
             if self._screens(model_strategy) else None)
         result, scores, updates = screening.candidate, screening.scores, screening.kept
@@ -257,6 +256,20 @@ class Aggregator:
                     extra={"model": model_name, "candidate": candidate_id,
                            "generation": number, "updates": ids})
         return outcome
+
+    def _score_holding_lease(self, model_name: str, seed: ModelManifest,
+                             weights: Mapping[str, torch.Tensor]) -> Scores:
+        """Score ``weights`` on the validation set, renewing the lease first.
+
+        Screening scores once per update, so a large buffer can take longer than one lease;
+        renewing before each scoring keeps a second worker from taking the model meanwhile.
+        """
+        with self._sessions() as session, session.begin():
+            if not repo.acquire_lease(session, model_name, self._owner,
+                                      self._config.aggregation.lease_s, self._clock()):
+                raise RuntimeError(f"lost the aggregation lease of {model_name!r} while "
+                                   "scoring; this candidate is dropped")
+        return score_state(seed, weights, self._validation, threads=self._config.gate.threads)
 
     def _screens(self, strategy: str) -> bool:
         """Screening is on for FedBuff; Dafne's rule stays the baseline as Dafne has it."""

@@ -11,6 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 
+import federation.worker as worker_module
 from dafne_node.learning.update import decode_update
 from dafne_node.model.manifest import ModelManifest
 from dafne_node.model.signature import parse_public_key, verify_signature
@@ -18,6 +19,7 @@ from db import federation as repo
 from db.session import make_engine, make_session_factory
 from federation.aggregate import staleness_weight
 from federation.app import create_app
+from federation.gate import Scores
 from federation.signing import load_signing_key
 from federation.storage import open_store
 from federation.validation import load_validation_set
@@ -234,3 +236,33 @@ def test_only_one_worker_aggregates_a_model_at_a_time(setup: FederationSetup,
     (outcome,) = second.tick()
     assert outcome.promoted
     assert first.tick() == []  # nothing left, nothing applied twice
+
+
+def test_a_worker_that_loses_its_lease_while_screening_drops_its_candidate(
+        setup: FederationSetup, client: TestClient, base: BaseModel,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    first, second = _aggregator(setup, clock, "w1"), _aggregator(setup, clock, "w2")
+    ids = [_push(client, setup, "hospital-a", make_update(base, seed=8), "a"),
+           _push(client, setup, "hospital-b", make_update(base, seed=9), "b")]
+    sessions = make_session_factory(make_engine(setup.config.database_url))
+    scored = []
+    real_score_state = worker_module.score_state
+
+    def slow_scoring(*args: object, **kwargs: object) -> Scores:
+        scored.append(1)
+        if len(scored) == 3:  # w1 stalled past its lease; w2 took the model over
+            clock.now += timedelta(seconds=901)
+            with sessions() as session, session.begin():
+                assert repo.acquire_lease(session, "leg", "w2", 900, clock())
+        return real_score_state(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "score_state", slow_scoring)
+    with pytest.raises(RuntimeError, match="lost the aggregation lease of 'leg'"):
+        first.tick()
+    monkeypatch.setattr(worker_module, "score_state", real_score_state)
+    admin = {"Authorization": f"Bearer {setup.admin_token}"}
+    assert all(client.get(f"/v1/updates/{i}", headers=admin).json()["state"] == "pending"
+               for i in ids)
+    (outcome,) = second.tick()
+    assert outcome.promoted and set(outcome.update_ids) == set(ids)

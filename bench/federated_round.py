@@ -1,0 +1,132 @@
+"""One federated round from the weak root: which node and server learning rates help?
+
+The multi-hospital run (``bench/federated_improvement.py``) takes most of an hour; this
+script measures in a few minutes what one of its generations does, in one process and with
+the same parts: the weak root, the node's fine-tuning (``finetune``, as a node runs it on
+its corrections), the upload codec (top-k int8, density 0.2), FedBuff with a server learning
+rate, and the gate's scoring (``score_state``). For each ``LR:STEPS`` given, each of the four
+hospitals (sites A-D, 3 studies of 24 slices each, the run's study seeds) fine-tunes the root
+on its own studies; the script then scores, on one validation subject per site (seeds
+90000 + site, 16 slices; never trained on):
+
+* site A's update alone and site C's update alone (does a node's own update help its own
+  site? from a weak root a fresh optimiser can first make things worse);
+* the FedBuff candidate of all four at each server learning rate.
+
+    .venv/bin/python bench/federated_round.py 1e-3:20 3e-4:20 5e-4:30     # ~3 min per pair
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.improvement.root import weak_root  # noqa: E402 - path set up above
+from dafne_node.learning.delta import DeltaMetadata  # noqa: E402
+from dafne_node.learning.finetune import FinetuneSettings, finetune  # noqa: E402
+from dafne_node.learning.update import decode_update, encode_update  # noqa: E402
+from dafne_node.model.manifest import LoadedModel, load_model_dir  # noqa: E402
+from dafne_node.model.train import TrainingExample  # noqa: E402
+from dafne_node.phantom import make_study  # noqa: E402
+from federation.gate import Scores, score_state  # noqa: E402
+from federation.strategies import BufferedUpdate, FedBuff  # noqa: E402
+from federation.validation import ValidationCase  # noqa: E402
+
+SITES = "ABCD"
+STUDY_SEED = 20_000
+VALIDATION_SEED = 90_000
+
+
+def example(site: str, seed: int, slices: int) -> TrainingExample:
+    study = make_study(site=site, seed=seed, slices=slices)
+    return TrainingExample(study.pixels, study.labels, tuple(study.pixel_spacing))
+
+
+def local_settings(text: str) -> tuple[float, int]:
+    """``LR:STEPS`` -> (lr, steps)."""
+    lr, _, steps = text.partition(":")
+    try:
+        return float(lr), int(steps)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LR:STEPS such as 5e-4:30, got {text!r}") from None
+
+
+def upload(root: LoadedModel, tuned_dir: Path, state: Mapping[str, torch.Tensor],
+           density: float) -> dict[str, torch.Tensor]:
+    """The delta as the server decodes it after the node's encoding."""
+    tuned = load_model_dir(tuned_dir).model.state_dict()
+    delta = {name: tuned[name].float() - state[name] for name in state}
+    meta = DeltaMetadata(model_name=root.manifest.name,
+                         architecture=root.manifest.architecture.id, base_generation=1,
+                         base_sha256=root.manifest.weights.sha256, num_samples=3, num_slices=0)
+    return decode_update(encode_update(delta, meta, density=density).payload).tensors
+
+
+def describe(name: str, scores: Scores) -> str:
+    sites = ", ".join(f"{site} {value:.3f}" for site, value in scores.sites.items())
+    return f"| {name} | {scores.mean:.3f} | {sites} |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="+", type=local_settings, metavar="LR:STEPS",
+                        help="the nodes' learning rate and steps, e.g. 5e-4:30")
+    parser.add_argument("--server-lr", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    parser.add_argument("--density", type=float, default=0.2, help="top-k density of uploads")
+    parser.add_argument("--studies", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "weak-root")
+    args = parser.parse_args(argv)
+
+    root_dir = weak_root(args.cache)
+    root = load_model_dir(root_dir)
+    state = {name: value.float() for name, value in root.model.state_dict().items()}
+    validation = [ValidationCase(site=site, name=f"{site}0",
+                                 example=example(site, VALIDATION_SEED + i, 16))
+                  for i, site in enumerate(SITES)]
+    data = {site: [example(site, STUDY_SEED + 10 * j + i, 24) for i in range(args.studies)]
+            for j, site in enumerate(SITES)}
+    print("| model | mean Dice | per site |\n|---|---:|---|")
+    print(describe("weak root", score_state(root.manifest, state, validation)), flush=True)
+    for lr, steps in args.variants:
+        started = time.perf_counter()
+        deltas = {}
+        with tempfile.TemporaryDirectory(prefix="dafne-round-") as work:
+            for site in SITES:
+                outcome = finetune(root_dir, data[site], [], [],
+                                   FinetuneSettings(steps=steps, lr=lr, threads=args.threads),
+                                   out_dir=Path(work) / site,
+                                   checkpoint_dir=Path(work) / f"{site}-checkpoint",
+                                   progress=False)
+                if outcome.model_dir is None:
+                    raise SystemExit(f"site {site}: run not accepted: {outcome.reason}")
+                deltas[site] = upload(root, outcome.model_dir, state, args.density)
+        print(f"| *node lr {lr:g}, {steps} steps ({time.perf_counter() - started:.0f} s of "
+              "training)* | | |", flush=True)
+        for site in ("A", "C"):
+            alone = FedBuff().aggregate(state, 1, [BufferedUpdate(site, deltas[site], 1, 3)],
+                                        lambda n: state)
+            print(describe(f"site {site}'s update alone",
+                           score_state(root.manifest, alone.state, validation)), flush=True)
+        updates = [BufferedUpdate(site, delta, 1, 3) for site, delta in deltas.items()]
+        for server_lr in args.server_lr:
+            candidate = FedBuff(server_lr=server_lr).aggregate(state, 1, updates,
+                                                               lambda n: state)
+            print(describe(f"FedBuff of all four, server lr {server_lr:g}",
+                           score_state(root.manifest, candidate.state, validation)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
