@@ -24,7 +24,7 @@ def test_validation_dice_rises_over_generations(tmp_path: Path) -> None:
         hospitals=(HospitalPlan("hospital-a", "A"), HospitalPlan("hospital-b", "B"),
                    HospitalPlan("hospital-c", "C"), HospitalPlan("hospital-d", "D",
                                                                  train_every=2)),
-        generations=2, studies_per_round=2, slices=12, matrix=128, steps=15,
+        generations=2, studies_per_round=2, slices=8, matrix=128, steps=12,
         # a root of 20 steps is barely trained: the product's rates move it fastest
         learning_rate=1e-3, server_lr=1.0,
         eval_per_site=1, eval_slices=8, gate_slices=8, arms=("ours",), base_port=12300)
