@@ -10,7 +10,8 @@ Screening measures each update's influence on the candidate: the candidate is bu
 every update and again without each one in turn (leave one out), and all are scored on the
 validation set. An update is refused, with the measured influence as its reason, when its
 presence lowers the candidate's mean validation Dice by more than ``max_influence_drop``
-and raises no site's Dice by more than that: it helps nobody. The candidate is then built
+and raises no site's Dice by as much as it lowers the mean: it helps nobody. (A site that
+scores near zero moves by a few hundredths either way; that is no help.) The candidate is then built
 from the rest. This is *Reject On Negative Influence* (Nelson et al., "Exploiting machine
 learning to subvert your spam filter", 2008; Barreno et al., "The security of machine
 learning", 2010) applied to a buffer of updates, with one change the multi-hospital run
@@ -67,8 +68,8 @@ class Influence:
         return max(finite) if finite else math.nan
 
     def helps_nobody(self, allowance: float) -> bool:
-        """Lowers the mean by more than ``allowance`` and raises no site by more than it."""
-        return self.change < -allowance and not self.best_site_gain > allowance
+        """Lowers the mean by more than ``allowance``, and no site gains as much as that."""
+        return self.change < -allowance and not self.best_site_gain > -self.change
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def screen(
     refused = {
         update_id: (f"refused on negative influence: the candidate's mean validation Dice is "
                     f"{i.with_update.mean:.4f} with this update and {i.without_update.mean:.4f} "
-                    f"without it, and no site gains more than {max_influence_drop:g} with it")
+                    f"without it, and no site gains as much with it")
         for update_id, i in harmful.items()}
     for update_id, reason in refused.items():
         LOGGER.warning("update %s %s", update_id, reason)

@@ -55,18 +55,33 @@ def test_the_update_that_drags_the_candidate_down_is_refused_with_its_influence(
 
 def test_a_new_sites_update_that_costs_the_others_a_little_is_kept() -> None:
     # Two sites: "A" is best at w = 1, the new site "C" at w = -1. The C hospital's update
-    # lowers the mean (A loses more than C gains at this point) but raises site C.
+    # lowers the mean (A loses a little) but raises site C by more than that.
     def two_sites(state: Mapping[str, torch.Tensor]) -> Scores:
         w = float(state["w"][0])
-        a, c = 1.0 - abs(w - 1.0), max(0.0, 1.0 - abs(w + 1.0) / 4)
-        return Scores(mean=(3 * a + c) / 4, sites={"A": a, "C": c})
-    updates = [_update("a-1", 1.0), _update("a-2", 1.0), _update("site-c", -1.6)]
+        a, c = 1.0 - abs(w - 1.0) / 3, max(0.0, 1.0 - abs(w + 1.0) / 4)
+        return Scores(mean=(a + c) / 2, sites={"A": a, "C": c})
+    updates = [_update("a-1", 1.0), _update("a-2", 1.0), _update("site-c", -0.6)]
 
     result = screen(updates, build=_build, score=two_sites, max_influence_drop=0.005)
 
     (site_c,) = (i for i in result.influences if i.update_id == "site-c")
-    assert site_c.change < -0.005 and site_c.best_site_gain > 0.005
+    assert site_c.change < -0.005 and site_c.best_site_gain > -site_c.change
     assert result.refused == {}
+
+
+def test_a_site_scoring_near_zero_that_moves_a_little_is_no_excuse() -> None:
+    # The wreck drags site A down by 0.6 and moves site C, near zero, up by 0.01.
+    def two_sites(state: Mapping[str, torch.Tensor]) -> Scores:
+        w = float(state["w"][0])
+        a, c = max(0.0, 1.0 - abs(w - 1.0)), min(0.02, max(0.0, -0.02 * w))
+        return Scores(mean=(a + c) / 2, sites={"A": a, "C": c})
+    updates = [_update("good", 1.0), _update("wreck", -2.0)]
+
+    result = screen(updates, build=_build, score=two_sites, max_influence_drop=0.005)
+
+    (wreck,) = (i for i in result.influences if i.update_id == "wreck")
+    assert wreck.best_site_gain > 0.005
+    assert list(result.refused) == ["wreck"]
 
 
 def test_a_single_update_is_left_to_the_gate() -> None:
