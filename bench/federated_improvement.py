@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the nodes' learning rate")
     parser.add_argument("--server-lr", type=float, default=defaults.server_lr,
                         help="our arm's FedBuff server learning rate")
+    parser.add_argument("--contrast-fold", type=float, default=defaults.contrast_fold,
+                        help="probability that a node folds a training slice's contrast "
+                        "(fat-suppression-like; 0: never)")
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--eval-per-site", type=int, default=defaults.eval_per_site)
     parser.add_argument("--eval-slices", type=int, default=defaults.eval_slices)
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig(generations=args.generations, studies_per_round=args.studies,
                        slices=args.slices, matrix=args.matrix, steps=args.steps,
                        learning_rate=args.lr, server_lr=args.server_lr,
-                       threads=args.threads, eval_per_site=args.eval_per_site,
+                       contrast_fold=args.contrast_fold, threads=args.threads,
+                       eval_per_site=args.eval_per_site,
                        eval_slices=args.eval_slices, slice_dice_threshold=args.threshold,
                        max_site_drop=args.max_site_drop,
                        arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),

@@ -190,6 +190,9 @@ class TrainingSection(_Section):
     steps: int = Field(default=150, ge=1)
     """Optimiser steps of one run (8 slices each)."""
     learning_rate: float = Field(default=1e-3, gt=0, le=1)
+    contrast_fold: float = Field(default=0.0, ge=0, le=1)
+    """Probability that a training slice's contrast is folded like fat suppression (bright
+    fat dark, muscle bright), so that updates from T1 and fat-suppressed sites agree."""
     max_dice_drop: float = Field(default=0.02, ge=0, le=1)
     """The local gate: the largest loss of held-out Dice a run may cause."""
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)

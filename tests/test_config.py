@@ -51,6 +51,8 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("[dicom]\nassociation_request_timeout_s = 0\n",
          "dicom.association_request_timeout_s: Input should be greater than 0"),
         ("[dicom]\nmax_instance_mb = 0\n", "dicom.max_instance_mb"),
+        ("[training]\ncontrast_fold = 1.5\n",
+         "training.contrast_fold: Input should be less than or equal to 1"),
     ],
 )
 def test_bad_configuration_names_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -86,6 +86,8 @@ class RunConfig:
     at 1e-3 first makes the model worse (site A's own 20-step run lowered site A's Dice)."""
     server_lr: float = 2.0
     """Our arm's FedBuff server learning rate (product default 1.0)."""
+    contrast_fold: float = 0.0
+    """The nodes' ``[training] contrast_fold`` (product default 0)."""
     threads: int = 1
     eval_per_site: int = 2
     eval_slices: int = 24
@@ -257,6 +259,7 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
                         "public_key": setup.public_key},
             settings=NodeSettings(model_dir=root_dir, min_new_examples=config.studies_per_round,
                                   steps=config.steps, learning_rate=config.learning_rate,
+                                  contrast_fold=config.contrast_fold,
                                   threads=config.threads,
                                   poll_interval_s=1.0 if plan.train_every == 1 else 3600.0))
             for i, plan in enumerate(plans)]

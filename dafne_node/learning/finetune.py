@@ -92,6 +92,9 @@ class FinetuneSettings(BaseModel):
         Slices per step.
     weight_decay:
         AdamW weight decay.
+    contrast_fold:
+        Probability that a training slice's contrast is folded like fat suppression
+        (:func:`dafne_node.model.train.train`); 0 never.
     replay_fraction:
         Share of the training examples taken from the replay pool (0 disables replay):
         with 0.5, as many replayed examples as new ones; with 0.3 and 10 new ones, 5
@@ -122,6 +125,7 @@ class FinetuneSettings(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     batch_size: int = Field(default=8, ge=1)
     weight_decay: float = Field(default=1e-4, ge=0)
+    contrast_fold: float = Field(default=0.0, ge=0, le=1)
     replay_fraction: float = Field(default=0.5, ge=0, lt=1)
     max_replay: int = Field(default=10, ge=0)
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
@@ -288,7 +292,8 @@ def _train_resuming(base: LoadedModel, examples: Sequence[TrainingExample],
             model, examples, preprocessing=base.preprocessing, steps=settings.steps,
             epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
             seed=settings.seed, weight_decay=settings.weight_decay,
-            precision=settings.precision, threads=settings.threads,
+            contrast_fold=settings.contrast_fold, precision=settings.precision,
+            threads=settings.threads,
             checkpoint_dir=checkpoint_dir, checkpoint_every=settings.checkpoint_every,
             **options)
 

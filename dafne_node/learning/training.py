@@ -81,7 +81,8 @@ def finetune_settings(config: NodeConfig) -> FinetuneSettings:
     """The fine-tuning settings of the node's ``[training]`` section."""
     training = config.training
     return FinetuneSettings(
-        steps=training.steps, lr=training.learning_rate, max_dice_drop=training.max_dice_drop,
+        steps=training.steps, lr=training.learning_rate, contrast_fold=training.contrast_fold,
+        max_dice_drop=training.max_dice_drop,
         holdout_fraction=training.holdout_fraction, replay_fraction=training.replay_fraction,
         seed=training.seed, threads=training.threads,
         checkpoint_every=training.checkpoint_every_steps,

@@ -15,7 +15,11 @@ Choices and why:
 * Augmentation is cheap and anatomical: left-right flips (both legs are in the field of
   view, and the labels do not distinguish sides), small rotations/scalings/shifts (patient
   positioning), and intensity changes (gamma, contrast, bias field, noise) for scanner and
-  protocol differences between hospitals.
+  protocol differences between hospitals. Optionally (``contrast_fold``) a slice's
+  intensities are folded: dark stays dark, mid-grey becomes brightest and the brightest
+  tissue dark, which is roughly what fat suppression (a Dixon water image) does to a T1
+  image. Nodes of hospitals that scan with and without fat suppression then train towards
+  one model instead of pulling it towards their own contrast.
 * AdamW with a short warm-up and cosine decay: robust without tuning, for fine-tuning and
   for training from scratch alike.
 * Training runs in NCHW with bf16 autocast where the CPU supports it; see :func:`train`.
@@ -167,13 +171,24 @@ def prepare_examples(
     return torch.cat(images), torch.cat(labels)
 
 
-def _augment(images: torch.Tensor, labels: torch.Tensor,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips, affine jitter and intensity changes of a batch (see module docstring)."""
+def _augment(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
+             contrast_fold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips, affine jitter and intensity changes of a batch (see module docstring).
+
+    ``contrast_fold`` is the probability that a slice's contrast is folded
+    (:func:`_fold_contrast`); at 0 nothing extra is drawn from ``gen``, so runs without it
+    repeat the random stream of earlier versions exactly.
+    """
     n = images.shape[0]
 
     def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(shape or (n,), generator=gen)
+
+    if contrast_fold > 0:
+        folded = _fold_contrast(images, uniform(0.05, 0.15), uniform(0.3, 0.55),
+                                uniform(0.0, 0.15))
+        chosen = torch.rand(n, generator=gen) < contrast_fold
+        images = torch.where(chosen.view(n, 1, 1, 1), folded, images)
 
     # Left-right flip.
     flip = torch.rand(n, generator=gen) < 0.5
@@ -205,6 +220,21 @@ def _augment(images: torch.Tensor, labels: torch.Tensor,
     sigma = uniform(0.0, 0.04).view(n, 1, 1, 1)
     images = images + sigma * torch.randn(images.shape, generator=gen)
     return images, labels
+
+
+def _fold_contrast(images: torch.Tensor, floor: torch.Tensor, peak: torch.Tensor,
+                   end: torch.Tensor) -> torch.Tensor:
+    """Fold normalised intensities: a continuous tent with the top at ``peak``.
+
+    Below ``floor`` (air, cortex, tendon) values stay as they are; from ``floor`` to ``peak``
+    they rise to 1; above ``peak`` they fall to ``end`` at 1. On a T1 image (fat 1, muscle
+    about 0.36) muscle becomes the brightest tissue and fat dark, as on a Dixon water image.
+    Each argument holds one value per slice.
+    """
+    floor, peak, end = (v.view(-1, 1, 1, 1) for v in (floor, peak, end))
+    rising = floor + (1 - floor) * (images - floor) / (peak - floor)
+    falling = (1 - (1 - end) * (images - peak) / (1 - peak)).clamp(min=0)
+    return torch.where(images < floor, images, torch.where(images < peak, rising, falling))
 
 
 def dice_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -330,6 +360,7 @@ def train(
     seed: int = 0,
     weight_decay: float = 1e-4,
     augment: bool = True,
+    contrast_fold: float = 0.0,
     precision: Precision = "fp32",
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
@@ -364,6 +395,9 @@ def train(
         AdamW weight decay.
     augment:
         Apply flips, affine and intensity augmentation.
+    contrast_fold:
+        Probability that an augmented slice's contrast is folded (fat-suppression-like,
+        see the module docstring); 0 (default) never.
     precision:
         ``"fp32"`` (default), ``"bf16"`` (autocast; faster on CPUs with bf16 instructions)
         or ``"auto"``.
@@ -411,6 +445,8 @@ def train(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}")
+    if not 0 <= contrast_fold <= 1:
+        raise ValueError(f"contrast_fold must be a probability, got {contrast_fold}")
     num_classes = int(getattr(model, "architecture_params", {}).get("num_classes", 7))
     images, labels = prepare_examples(examples, preprocessing, num_classes)
     n_slices = images.shape[0]
@@ -424,6 +460,8 @@ def train(
 
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                 "weight_decay": weight_decay, "augment": augment, "precision": run_precision}
+    if contrast_fold:  # absent at 0, so checkpoints of earlier versions stay valid
+        settings["contrast_fold"] = contrast_fold
     fingerprint = _fingerprint(model, images, labels, settings)
     gen = torch.Generator().manual_seed(seed)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -469,7 +507,7 @@ def train(
             idx = torch.randint(0, n_slices, (batch_size,), generator=gen)
             x, y = images[idx], labels[idx].long()
             if augment:
-                x, y = _augment(x, y, gen)
+                x, y = _augment(x, y, gen, contrast_fold)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16,
                                 enabled=run_precision == "bf16"):

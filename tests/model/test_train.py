@@ -6,7 +6,8 @@ import torch
 
 from dafne_node.model.architectures import build_model
 from dafne_node.model.infer import Segmenter
-from dafne_node.model.train import TrainingExample, evaluate, train
+from dafne_node.model.train import TrainingExample, _fold_contrast, evaluate, train
+from dafne_node.phantom.sites import T1_SIGNALS
 
 
 def _examples(synthetic_volume, seeds) -> list[TrainingExample]:
@@ -64,3 +65,39 @@ def test_epochs_counts_slices(synthetic_volume, tiny_params, tiny_preprocessing)
     report = train(model, _examples(synthetic_volume, [0, 1]), preprocessing=tiny_preprocessing,
                    epochs=1, batch_size=3, progress=False)
     assert report.steps == 3  # ceil(8 slices / 3)
+
+
+def test_contrast_fold_turns_t1_contrast_into_fat_suppressed_order() -> None:
+    """Folding a T1 image darkens fat and marrow below muscle and keeps air dark, the tissue
+    order of a Dixon water image (site C), whatever the drawn fold within its ranges."""
+    t1 = {name: getattr(T1_SIGNALS, name) for name in ("air", "cortex", "muscle", "fat",
+                                                        "marrow")}
+    values = torch.tensor(list(t1.values())).view(1, 1, 1, -1).repeat(3, 1, 1, 1)
+    folded = _fold_contrast(values, floor=torch.tensor([0.05, 0.1, 0.15]),
+                            peak=torch.tensor([0.3, 0.42, 0.55]),
+                            end=torch.tensor([0.0, 0.07, 0.15]))
+    for row in folded.view(3, -1):
+        after = dict(zip(t1, row.tolist(), strict=True))
+        assert after["air"] == 0 and after["cortex"] == pytest.approx(t1["cortex"])
+        assert after["muscle"] > max(after["fat"], after["marrow"]) + 0.25
+        assert after["fat"] < 0.2
+    assert float(folded.min()) >= 0 and float(folded.max()) <= 1
+
+
+def test_contrast_fold_changes_training_repeatably(synthetic_volume, tiny_params,
+                                                   tiny_preprocessing) -> None:
+    examples = _examples(synthetic_volume, range(2))
+
+    def trained(contrast_fold: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        model = build_model("unet2d-res", tiny_params)
+        train(model, examples, preprocessing=tiny_preprocessing, steps=3, batch_size=2,
+              seed=5, contrast_fold=contrast_fold, progress=False)
+        return model.state_dict()
+
+    folded, again, plain = trained(1.0), trained(1.0), trained(0.0)
+    assert all(torch.equal(folded[k], again[k]) for k in folded)
+    assert any(not torch.equal(folded[k], plain[k]) for k in folded)
+    with pytest.raises(ValueError, match="contrast_fold must be a probability"):
+        train(build_model("unet2d-res", tiny_params), examples,
+              preprocessing=tiny_preprocessing, steps=1, contrast_fold=1.5, progress=False)
