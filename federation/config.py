@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -109,6 +109,10 @@ class GateSection(Section):
     """Leave out of a candidate each update whose presence lowers its validation Dice by more
     than ``max_influence_drop`` (:mod:`federation.screening`; FedBuff models only)."""
     max_influence_drop: float = Field(default=0.005, ge=0, le=1)
+    step_fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default_factory=lambda: [0.5, 0.25])
+    """A rejected FedBuff candidate is tried again at these fractions of its step, in order;
+    the first the gate promotes is kept (:mod:`federation.backtrack`). Empty: off."""
     validation_dir: Path | None = None
     """Folder of validation cases (``site-<S>-<i>.npz``); default ``<data_dir>/validation``."""
     threads: int | None = Field(default=None, ge=1, le=256)

@@ -12,7 +12,8 @@ One aggregation, FedBuff-style (no node ever waits for another):
 2. The strategy (:mod:`federation.strategies`) builds the candidate from the current
    generation and up to ``max_buffer`` waiting updates, each clipped to ``clip_norm``.
 3. The gate (:mod:`federation.gate`) scores the candidate on the validation set and
-   compares it with the current generation's scores.
+   compares it with the current generation's scores; a rejected FedBuff candidate is
+   tried again at shorter steps (:mod:`federation.backtrack`).
 4. In one transaction the candidate is recorded with the updates it contains and either
    promoted (next number, signed manifest) or rejected with the reason; its weights are
    kept for audit either way. Until that commit the updates stay pending, so a worker
@@ -39,8 +40,9 @@ from dafne_node.learning.update import UpdateFormatError, decode_update
 from dafne_node.model.manifest import ModelManifest
 from db import federation as repo
 from db.fed_models import FedGeneration, GenerationState
+from federation.backtrack import backtrack
 from federation.config import FederationConfig
-from federation.gate import Gate, Scores, make_gate, score_state
+from federation.gate import Gate, GateDecision, Scores, make_gate, score_state
 from federation.registry import (
     generation_manifest,
     load_weights,
@@ -213,9 +215,20 @@ class Aggregator:
             max_influence_drop=self._config.gate.max_influence_drop
             if self._screens(model_strategy) else None)
         result, scores, updates = screening.candidate, screening.scores, screening.kept
-        stored = store_weights(self._store, f"models/{model_name}/candidates/"
-                                            f"{uuid.uuid4().hex}.safetensors", result.state)
+        weights = result.state
         decision = gate.decide(current_scores, scores)
+        if not decision.promote and self._backtracks(model_strategy):
+            shorter = backtrack(
+                state, weights, current_scores=current_scores, gate=gate,
+                fractions=self._config.gate.step_fractions,
+                score=lambda w: self._score_holding_lease(model_name, seed, w))
+            if shorter is not None:
+                weights, scores = shorter.state, shorter.scores
+                decision = GateDecision(promote=True, reason=(
+                    f"at {shorter.fraction:g} of the aggregated step: "
+                    f"{shorter.decision.reason} (the full step: {decision.reason})"))
+        stored = store_weights(self._store, f"models/{model_name}/candidates/"
+                                            f"{uuid.uuid4().hex}.safetensors", weights)
         ids = [u.update_id for u in updates]
         clipped = set(result.notes.get("clipped", []))
         with self._sessions() as session, session.begin():
@@ -274,6 +287,10 @@ class Aggregator:
     def _screens(self, strategy: str) -> bool:
         """Screening is on for FedBuff; Dafne's rule stays the baseline as Dafne has it."""
         return self._config.gate.screen_updates and strategy != "dafne"
+
+    def _backtracks(self, strategy: str) -> bool:
+        """Shorter steps for FedBuff; Dafne's rule stays the baseline as Dafne has it."""
+        return bool(self._config.gate.step_fractions) and strategy != "dafne"
 
     def _score_current(self, seed: ModelManifest, generation_id: int,
                        state: Mapping[str, torch.Tensor]) -> Scores:

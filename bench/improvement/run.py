@@ -89,8 +89,8 @@ class RunConfig:
     contrast_fold: float = 0.3
     """The nodes' ``[training] contrast_fold`` (product default 0): folded T1 slices look like
     site C's Dixon water, so site C's updates stop fighting those of A, B and D
-    (``bench/federated_round.py``: site C's update alone cost site B 0.25-0.35 without it,
-    0.03-0.13 with it)."""
+    (``bench/federated_round.py``, three rounds: site C's update alone cost site B 0.25-0.34
+    without it, at most 0.12 with it)."""
     threads: int = 1
     eval_per_site: int = 2
     eval_slices: int = 24

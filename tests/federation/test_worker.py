@@ -41,9 +41,10 @@ def base() -> BaseModel:
 
 
 def _setup(tmp_path: Path, strategy: str | None = None, *, screen_updates: bool = True,
-           **aggregation: object) -> FederationSetup:
+           step_fractions: tuple[float, ...] = (), **aggregation: object) -> FederationSetup:
     sections = {"aggregation": {"buffer_size": 2, "flush_interval_s": 600.0, **aggregation},
-                "gate": {"screen_updates": screen_updates}}
+                "gate": {"screen_updates": screen_updates,
+                         "step_fractions": list(step_fractions)}}
     return set_up(tmp_path, sections=sections, nodes=("hospital-a", "hospital-b", "hospital-c"),
                   strategy=strategy)
 
@@ -169,6 +170,26 @@ def test_a_candidate_that_loses_validation_dice_is_rejected_and_kept(
             == "rejected"
     status = client.get("/v1/admin/status", headers=admin).json()["models"][0]
     assert status["pending"] == 0 and status["rejected"][0]["reason"] == outcome.reason
+
+
+def test_a_rejected_step_is_promoted_shorter_and_says_so(tmp_path: Path,
+                                                         base: BaseModel) -> None:
+    setup = _setup(tmp_path, buffer_size=1, step_fractions=(0.5, 0.1))
+    worker = _aggregator(setup, Clock())
+    with TestClient(create_app(setup.config)) as client:
+        _push(client, setup, "hospital-a", make_update(base, _wreck(base)), "overshoot")
+        (outcome,) = worker.tick()
+        assert outcome.promoted and outcome.number == 2, outcome.reason
+        assert outcome.reason.startswith("at 0.1 of the aggregated step: "), outcome.reason
+        assert "(the full step: " in outcome.reason
+        new = _generation_state(client, setup, 2)
+        admin = {"Authorization": f"Bearer {setup.admin_token}"}
+        promoted = client.get("/v1/models/leg/generations", headers=admin).json()[-1]
+    # one tenth of the way from the current generation to the full step (head -> -2 head)
+    torch.testing.assert_close(new[HEAD], 0.7 * base.state[HEAD], rtol=0, atol=2e-3)
+    assert promoted["number"] == 2 and promoted["state"] == "promoted"
+    assert promoted["reason"] == outcome.reason
+    assert promoted["validation"]["mean"] == pytest.approx(outcome.scores.mean)
 
 
 def test_dafne_rule_promotes_what_the_relative_gate_rejects(tmp_path: Path,
