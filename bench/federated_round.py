@@ -101,11 +101,11 @@ def describe(name: str, scores: Scores) -> str:
     return f"| {name} | {scores.mean:.3f} | {sites} |"
 
 
-def train_round(model_dir: Path, data: Mapping[str, list[TrainingExample]], chosen: Variant,
-                threads: int, density: float, work: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Every site's decoded upload after fine-tuning ``model_dir`` on its own studies."""
-    base = load_model_dir(model_dir)
-    state = {name: value.float() for name, value in base.model.state_dict().items()}
+def train_round(model_dir: Path, base: LoadedModel, state: Mapping[str, torch.Tensor],
+                data: Mapping[str, list[TrainingExample]], chosen: Variant, *, threads: int,
+                density: float, work: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every site's decoded upload after fine-tuning ``model_dir`` (loaded as ``base``, its
+    fp32 weights ``state``) on its own studies."""
     settings = FinetuneSettings(steps=chosen.steps, lr=chosen.lr, threads=threads,
                                 contrast_fold=chosen.contrast_fold)
     deltas = {}
@@ -148,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                                for i in range(args.studies)] for j, site in enumerate(SITES)}
                 started = time.perf_counter()
                 work = Path(tmp) / f"round-{round_}"
-                deltas = train_round(model_dir, data, chosen, args.threads, args.density, work)
                 base = load_model_dir(model_dir)
                 state = {name: value.float() for name, value in base.model.state_dict().items()}
+                deltas = train_round(model_dir, base, state, data, chosen, threads=args.threads,
+                                     density=args.density, work=work)
                 print(f"| *{chosen}, round {round_} ({time.perf_counter() - started:.0f} s of "
                       "training)* | | |", flush=True)
                 for site in ("A", "C"):
