@@ -76,6 +76,9 @@ class UpdateState(StrEnum):
     """Part of a candidate that the gate rejected."""
     REFUSED = "refused"
     """Refused at intake (see ``reason``): never aggregated, no artifact kept."""
+    SUPERSEDED = "superseded"
+    """Contained in a later update of the same node against the same generation (a
+    cumulative delta, see :mod:`federation.lineage`), which is aggregated instead."""
 
 
 class FederationBase(DeclarativeBase):
@@ -210,6 +213,10 @@ class FedUpdate(FederationBase):
     state: Mapped[UpdateState] = mapped_column(str_enum(UpdateState))
     base_generation: Mapped[int | None] = mapped_column(Integer)
     """The promoted generation number the delta is against; null if unreadable."""
+    continues_key: Mapped[str | None] = mapped_column(String(128))
+    """Idempotency key of this node's earlier update that this one contains (the node
+    trained on from that round's model against the same generation); null for a delta of
+    its own."""
     num_samples: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     encoding: Mapped[str] = mapped_column(String(64))

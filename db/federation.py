@@ -22,7 +22,7 @@ import hashlib
 import re
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -68,6 +68,7 @@ __all__ = [
     "new_token",
     "node_for_token",
     "node_rights",
+    "node_updates",
     "pending_summary",
     "pending_updates",
     "promote",
@@ -77,6 +78,7 @@ __all__ = [
     "release_lease",
     "revoke_node",
     "set_rights",
+    "supersede_update",
     "touch_node",
 ]
 
@@ -490,6 +492,7 @@ def insert_update_once(
     response_status: int,
     response: dict[str, Any],
     update_id: str | None = None,
+    continues_key: str | None = None,
 ) -> tuple[FedUpdate, bool]:
     """Record an upload unless this node already sent ``idempotency_key``.
 
@@ -499,7 +502,8 @@ def insert_update_once(
 
     ``state`` is ``pending`` (accepted) or ``refused`` (decided at once). ``update_id``
     (32 hex characters, a new uuid4 if not given) lets the caller name the update's
-    artifact before recording it. The other fields are the columns of
+    artifact before recording it. ``continues_key`` is the node's earlier upload this one
+    contains, if it says so. The other fields are the columns of
     :class:`db.fed_models.FedUpdate`.
 
     Returns
@@ -523,6 +527,7 @@ def insert_update_once(
         "idempotency_key": idempotency_key,
         "state": state.value,
         "base_generation": base_generation,
+        "continues_key": continues_key,
         "num_samples": num_samples,
         "metrics": metrics,
         "encoding": encoding,
@@ -563,10 +568,14 @@ def get_update(session: Session, update_id: str) -> FedUpdate | None:
     return session.get(FedUpdate, update_id)
 
 
+def _waiting_any_model() -> tuple[ColumnElement[bool], ...]:
+    """Pending updates not yet in a candidate."""
+    return FedUpdate.state == UpdateState.PENDING, FedUpdate.generation_id.is_(None)
+
+
 def _waiting(model_name: str) -> tuple[ColumnElement[bool], ...]:
     """Pending updates of ``model_name`` not yet in a candidate (the aggregation buffer)."""
-    return (FedUpdate.model_name == model_name, FedUpdate.state == UpdateState.PENDING,
-            FedUpdate.generation_id.is_(None))
+    return FedUpdate.model_name == model_name, *_waiting_any_model()
 
 
 def pending_updates(session: Session, model_name: str, limit: int) -> list[FedUpdate]:
@@ -618,14 +627,47 @@ def refuse_update(session: Session, update_id: str, reason: str) -> bool:
     The first answer the node got (``response``) is kept; the node sees the new state
     and reason when it asks for the update.
     """
+    return _decide_waiting(session, update_id, UpdateState.REFUSED, reason)
+
+
+def _decide_waiting(session: Session, update_id: str, state: UpdateState, reason: str) -> bool:
+    """Give a waiting update its final ``state`` without aggregating it.
+
+    One conditional ``UPDATE``: an update that a candidate took meanwhile is left alone.
+    """
     result = session.execute(
         update(FedUpdate)
-        .where(FedUpdate.id == update_id, FedUpdate.state == UpdateState.PENDING,
-               FedUpdate.generation_id.is_(None))
-        .values(state=UpdateState.REFUSED, reason=reason, decided_at=utcnow())
+        .where(FedUpdate.id == update_id, *_waiting_any_model())
+        .values(state=state, reason=reason, decided_at=utcnow())
         .execution_options(synchronize_session="fetch")
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def node_updates(session: Session, model_name: str, node_ids: Collection[int],
+                 base_generations: Collection[int]) -> list[FedUpdate]:
+    """Every update of ``node_ids`` to ``model_name`` against one of ``base_generations``.
+
+    What :func:`federation.lineage.resolve_lineage` needs to follow the ``continues``
+    chains of a buffer of waiting updates (a chain never leaves its node and base).
+    """
+    if not node_ids or not base_generations:
+        return []
+    return list(session.scalars(
+        select(FedUpdate)
+        .where(FedUpdate.model_name == model_name, FedUpdate.node_id.in_(list(node_ids)),
+               FedUpdate.base_generation.in_(list(base_generations)))
+        .order_by(FedUpdate.received_at, FedUpdate.id)
+    ))
+
+
+def supersede_update(session: Session, update_id: str, reason: str) -> bool:
+    """Mark a waiting update superseded by a later one of its node that contains it.
+
+    Only an update that is pending and in no candidate changes; return whether it did.
+    Its stored upload is kept for the record.
+    """
+    return _decide_waiting(session, update_id, UpdateState.SUPERSEDED, reason)
 
 
 # --- the aggregation lock -----------------------------------------------------------------

@@ -22,6 +22,7 @@ from db.base import dialect_insert, utcnow
 from db.node_models import FederationSync, FederationUpload, UploadState
 
 __all__ = [
+    "continued_upload_key",
     "due_uploads",
     "enqueue_upload",
     "new_idempotency_key",
@@ -68,6 +69,24 @@ def enqueue_upload(session: Session, *, delta_path: Path, base_generation: int,
     session.add(row)
     session.flush()
     return row
+
+
+def continued_upload_key(session: Session, *, base_generation: int,
+                         up_to_round: int) -> str | None:
+    """Idempotency key of the upload a cumulative delta continues, or None.
+
+    A run that fine-tuned local round ``up_to_round`` (against ``base_generation``) contains
+    the delta of every earlier local round against that generation; the newest of those
+    with an upload the server did not refuse is the one the server can follow the chain
+    from (:mod:`federation.lineage`). None if there is none (the federation was off, or
+    every such upload was refused).
+    """
+    return session.scalar(
+        select(FederationUpload.idempotency_key)
+        .where(FederationUpload.base_generation == base_generation,
+               FederationUpload.local_round <= up_to_round,
+               FederationUpload.state != UploadState.REFUSED)
+        .order_by(FederationUpload.local_round.desc()).limit(1))
 
 
 def due_uploads(session: Session, now: datetime, *, limit: int = 16) -> list[int]:

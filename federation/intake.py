@@ -81,6 +81,7 @@ class _Checked:
     metrics: dict[str, Any]
     encoding: str
     norm: float
+    continues: str | None
 
 
 def update_info(update: FedUpdate, generation_number: int | None) -> dict[str, Any]:
@@ -137,7 +138,8 @@ def _check(session: Session, model: FedModel, body: bytes, limits: IntakeLimits,
         raise Refusal(422, f"update L2 norm {norm:.3g} exceeds the outlier bound "
                            f"{limits.max_norm:.3g}")
     return _Checked(base_generation=base.number, num_samples=meta.num_samples,
-                    metrics=dict(meta.metrics), encoding=_encoding_summary(meta), norm=norm)
+                    metrics=dict(meta.metrics), encoding=_encoding_summary(meta), norm=norm,
+                    continues=meta.continues)
 
 
 def _encoding_summary(meta: UpdateMetadata) -> str:
@@ -201,6 +203,7 @@ def receive_update(
         idempotency_key=idempotency_key,
         state=state,
         base_generation=checked_or_none.base_generation if checked_or_none else None,
+        continues_key=checked_or_none.continues if checked_or_none else None,
         num_samples=checked_or_none.num_samples if checked_or_none else 0,
         metrics=checked_or_none.metrics if checked_or_none else {},
         encoding=checked_or_none.encoding if checked_or_none else "",

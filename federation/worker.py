@@ -11,6 +11,9 @@ One aggregation, FedBuff-style (no node ever waits for another):
    ``flush_interval_s`` (a hospital that trains once a month still counts).
 2. The strategy (:mod:`federation.strategies`) builds the candidate from the current
    generation and up to ``max_buffer`` waiting updates, each clipped to ``clip_norm``.
+   For FedBuff, a node's cumulative updates count once (:mod:`federation.lineage`): an
+   update a later one contains is superseded, and one that continues an applied update
+   contributes only the difference.
 3. The gate (:mod:`federation.gate`) scores the candidate on the validation set and
    compares it with the current generation's scores; a rejected FedBuff candidate is
    tried again at shorter steps (:mod:`federation.backtrack`).
@@ -39,10 +42,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from dafne_node.learning.update import UpdateFormatError, decode_update
 from dafne_node.model.manifest import ModelManifest
 from db import federation as repo
-from db.fed_models import FedGeneration, GenerationState
+from db.fed_models import FedGeneration, FedUpdate, GenerationState
 from federation.backtrack import backtrack
 from federation.config import FederationConfig
 from federation.gate import Gate, GateDecision, Scores, make_gate, score_state
+from federation.lineage import Lineage, UpdateRecord, resolve_lineage
 from federation.registry import (
     generation_manifest,
     load_weights,
@@ -72,6 +76,21 @@ class AggregationOutcome:
     scores: Scores
     seconds: float
     refused: tuple[str, ...] = field(default=())
+    superseded: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """A waiting update as the worker reads it, outside the session."""
+
+    update_id: str
+    artifact_key: str | None
+    base_generation: int | None
+    num_samples: int
+    applied_id: str | None
+    """The applied update it continues, whose delta is subtracted from its own."""
+    artifacts: Mapping[str, str | None]
+    """Stored uploads of the updates on its chain, by id."""
 
 
 def make_strategy_for(config: FederationConfig, name: str) -> Strategy:
@@ -197,9 +216,13 @@ class Aggregator:
             current_key, current_sha = current.weights_key, current.sha256
             current_scores = Scores.from_json(current.validation) if current.validation \
                 else None
-            waiting = [(u.id, u.artifact_key, u.base_generation, u.num_samples)
-                       for u in repo.pending_updates(session, model_name,
-                                                     self._config.aggregation.max_buffer)]
+            rows = repo.pending_updates(session, model_name, self._config.aggregation.max_buffer)
+            lineage, artifacts = self._lineage(session, model_name, rows) \
+                if self._follows_chains(model_strategy) else (Lineage({}, {}), {})
+            waiting = [_Waiting(u.id, u.artifact_key, u.base_generation, u.num_samples,
+                                lineage.subtract.get(u.id), artifacts)
+                       for u in rows if u.id not in lineage.superseded]
+            buffer = {u.id for u in rows}
         state = load_weights(self._store, current_key, current_sha)
         if current_scores is None:
             current_scores = self._score_current(seed, current_id, state)
@@ -231,9 +254,18 @@ class Aggregator:
                                             f"{uuid.uuid4().hex}.safetensors", weights)
         ids = [u.update_id for u in updates]
         clipped = set(result.notes.get("clipped", []))
+        # Superseded for good only when what contains it counts: aggregated now, or applied
+        # before. If that one was refused meanwhile, the earlier update waits for the next
+        # aggregation, where it is its node's newest again.
+        superseded = {update_id: container for update_id, container in lineage.superseded.items()
+                      if container in ids or container not in buffer}
         with self._sessions() as session, session.begin():
             for update_id, reason in screening.refused.items():
                 repo.refuse_update(session, update_id, reason)
+            for update_id, container in superseded.items():
+                repo.supersede_update(session, update_id, f"contained in update {container} "
+                                      "of the same node (a cumulative delta against the "
+                                      "same generation), which counts instead")
             candidate = repo.add_generation(
                 session, model_name=model_name, state=GenerationState.CANDIDATE, number=None,
                 parent_number=current_number, strategy=model_strategy,
@@ -261,9 +293,10 @@ class Aggregator:
             model=model_name, candidate_id=candidate_id, promoted=decision.promote,
             number=number, reason=decision.reason, update_ids=tuple(ids), scores=scores,
             seconds=time.perf_counter() - started,
-            refused=(*refused, *screening.refused))
-        LOGGER.info("model %s: candidate %d from %d updates %s: %s (mean Dice %.4f) in %.1f s",
-                    model_name, candidate_id, len(ids),
+            refused=(*refused, *screening.refused), superseded=tuple(superseded))
+        LOGGER.info("model %s: candidate %d from %d updates (%d superseded) %s: %s "
+                    "(mean Dice %.4f) in %.1f s", model_name, candidate_id, len(ids),
+                    len(superseded),
                     f"promoted to generation {number}" if number else "rejected",
                     decision.reason, scores.mean, outcome.seconds,
                     extra={"model": model_name, "candidate": candidate_id,
@@ -288,6 +321,32 @@ class Aggregator:
         """Screening is on for FedBuff; Dafne's rule stays the baseline as Dafne has it."""
         return self._config.gate.screen_updates and strategy != "dafne"
 
+    def _follows_chains(self, strategy: str) -> bool:
+        """Whether cumulative updates are resolved (:mod:`federation.lineage`).
+
+        FedBuff adds deltas, so a cumulative one must count once; Dafne's rule merges whole
+        models, where the newer model replacing the older is the rule itself.
+        """
+        return strategy != "dafne"
+
+    @staticmethod
+    def _lineage(session: Session, model_name: str, rows: list[FedUpdate]
+                 ) -> tuple[Lineage, dict[str, str | None]]:
+        """The lineage of the waiting ``rows``, and the stored uploads on their chains.
+
+        The stored uploads, by update id, are what an applied update's delta is read from
+        to be subtracted.
+        """
+        records = repo.node_updates(session, model_name, {u.node_id for u in rows},
+                                    {u.base_generation for u in rows
+                                     if u.base_generation is not None})
+        lineage = resolve_lineage(
+            [u.id for u in rows],
+            [UpdateRecord(update_id=u.id, node_id=u.node_id, idempotency_key=u.idempotency_key,
+                          continues_key=u.continues_key, base_generation=u.base_generation,
+                          state=u.state) for u in records])
+        return lineage, {u.id: u.artifact_key for u in records}
+
     def _backtracks(self, strategy: str) -> bool:
         """Shorter steps for FedBuff; Dafne's rule stays the baseline as Dafne has it."""
         return bool(self._config.gate.step_fractions) and strategy != "dafne"
@@ -302,26 +361,37 @@ class Aggregator:
                 generation.validation = scores.to_json()
         return scores
 
-    def _load_updates(self, model_name: str,
-                      waiting: list[tuple[str, str | None, int | None, int]]
+    def _load_updates(self, model_name: str, waiting: list[_Waiting]
                       ) -> tuple[list[BufferedUpdate], list[str]]:
-        """Decode the waiting updates; one whose artifact is unreadable is refused, not lost."""
+        """Decode the waiting updates; one whose artifact is unreadable is refused, not lost.
+
+        An update that continues an applied one becomes the difference between the two.
+        """
         updates: list[BufferedUpdate] = []
         refused: list[str] = []
-        for update_id, key, base, samples in waiting:
+        for item in waiting:
             try:
-                if key is None or base is None:
+                if item.artifact_key is None or item.base_generation is None:
                     raise UpdateFormatError("the update has no stored artifact")
-                decoded = decode_update(self._store.get(key))
+                delta = decode_update(self._store.get(item.artifact_key)).tensors
+                if item.applied_id is not None:
+                    applied_key = item.artifacts.get(item.applied_id)
+                    if applied_key is None:
+                        raise UpdateFormatError(f"the applied update {item.applied_id} it "
+                                                "continues has no stored artifact")
+                    applied = decode_update(self._store.get(applied_key)).tensors
+                    delta = {name: tensor - applied[name] for name, tensor in delta.items()}
             except (UpdateFormatError, KeyError, OSError) as exc:
                 reason = f"stored update unreadable at aggregation: {exc}"
-                LOGGER.error("model %s: update %s refused: %s", model_name, update_id, reason)
+                LOGGER.error("model %s: update %s refused: %s", model_name, item.update_id,
+                             reason)
                 with self._sessions() as session, session.begin():
-                    repo.refuse_update(session, update_id, reason)
-                refused.append(update_id)
+                    repo.refuse_update(session, item.update_id, reason)
+                refused.append(item.update_id)
                 continue
-            updates.append(BufferedUpdate(update_id=update_id, delta=decoded.tensors,
-                                          base_generation=base, num_samples=samples))
+            updates.append(BufferedUpdate(update_id=item.update_id, delta=delta,
+                                          base_generation=item.base_generation,
+                                          num_samples=item.num_samples))
         return updates, refused
 
     def _base_weights(self, model_name: str, number: int,

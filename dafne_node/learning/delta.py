@@ -75,6 +75,10 @@ class DeltaMetadata(BaseModel):
         to exactly those weights.
     local_round:
         Local round of the fine-tuned model this delta describes.
+    continues_round:
+        Local round of the model the run fine-tuned, when that was itself a local model
+        against the same base generation: this delta then contains that round's delta.
+        None when the run started from the base generation.
     num_samples:
         Labelled series the run trained on (new and replayed); the server weights by it.
     num_slices:
@@ -92,6 +96,7 @@ class DeltaMetadata(BaseModel):
     base_generation: int = Field(ge=0)
     base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     local_round: int | None = Field(default=None, ge=1)
+    continues_round: int | None = Field(default=None, ge=1)
     num_samples: int = Field(ge=0)
     num_slices: int = Field(ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)

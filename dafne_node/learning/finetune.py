@@ -354,8 +354,8 @@ def _write_outputs(base: LoadedModel, root: LoadedModel, tuned: nn.Module, out_d
     metadata = DeltaMetadata(
         model_name=root.manifest.name, architecture=root.manifest.architecture.id,
         base_generation=root.manifest.generation, base_sha256=root.manifest.weights.sha256,
-        local_round=local_round, num_samples=num_samples, num_slices=report.slices,
-        metrics=json_safe(metrics))
+        local_round=local_round, continues_round=base.manifest.local_round,
+        num_samples=num_samples, num_slices=report.slices, metrics=json_safe(metrics))
     delta_path = save_delta(out_dir / DELTA_FILE,
                             compute_delta(root.model.state_dict(), tuned.state_dict()), metadata)
     summary = {

@@ -8,7 +8,10 @@ Two duties, one thread in the node process (:meth:`SyncClient.run`):
   in ``data_dir/federation/residual.safetensors``) and the bytes are written, fsynced, to
   ``data_dir/federation/outbox/<id>.update`` before the row records them; every attempt
   then sends exactly those bytes under the row's fixed ``Idempotency-Key``, so however
-  often the answer is lost or the node is killed, the server records the update once. An
+  often the answer is lost or the node is killed, the server records the update once. A
+  delta that trained on from an earlier local round against the same generation contains
+  that round's delta and says so (``continues``: that upload's key), so the server counts
+  it once (:mod:`federation.lineage`). An
   answer a resend cannot change (4xx other than 401, 403, 408, 429) refuses the upload for
   good, with the server's reason; anything else (5xx, 401/403/408/429, no connection, a
   timeout) is retried with exponential back-off. Only the encoded update leaves the node:
@@ -56,7 +59,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dafne_node.config import ConfigError, NodeConfig
 from dafne_node.durable import fsync_dir, write_atomically
 from dafne_node.jobs.runner import worker_identity
-from dafne_node.learning.delta import DeltaError, load_delta
+from dafne_node.learning.delta import DeltaError, DeltaMetadata, load_delta
 from dafne_node.learning.update import Encoding, UpdateFormatError, check_matches, encode_update
 from dafne_node.model.checkpoint import save_safetensors_atomically
 from dafne_node.model.manifest import (
@@ -76,7 +79,7 @@ from dafne_node.model_registry import (
     register_active_model,
 )
 from db.base import utcnow
-from db.federation_sync import due_uploads, sync_state, take_lease
+from db.federation_sync import continued_upload_key, due_uploads, sync_state, take_lease
 from db.node_models import FederationUpload, UploadState
 
 __all__ = [
@@ -333,11 +336,13 @@ class SyncClient:
             LOGGER.warning("encoded update %d is missing; encoding its delta again", row.id)
         delta = load_delta(row.delta_path)
         first = row.payload_path is None
-        residual = self._load_residual(delta.tensors, delta.metadata.base_generation) \
-            if first else None
+        continues = self._continued_key(delta.metadata)
+        residual = self._load_residual(delta.tensors, delta.metadata.base_generation,
+                                       cumulative=continues is not None) if first else None
         encoded = encode_update(delta.tensors, delta.metadata,
                                 encoding=Encoding(self._settings.upload_encoding),
-                                density=self._settings.upload_density, residual=residual)
+                                density=self._settings.upload_density, residual=residual,
+                                continues=continues)
         path = self._outbox / f"{row.id}.update"
         write_atomically(path, lambda stream: stream.write(encoded.payload))
         pending = self._outbox / f"{row.id}{_PENDING_RESIDUAL}"
@@ -357,15 +362,25 @@ class SyncClient:
                     delta.metadata.base_generation)
         return encoded.payload
 
-    def _load_residual(self, delta: dict[str, torch.Tensor],
-                       base_generation: int) -> dict[str, torch.Tensor] | None:
+    def _continued_key(self, metadata: DeltaMetadata) -> str | None:
+        """The idempotency key of the earlier upload this delta contains, if any."""
+        if metadata.continues_round is None:
+            return None
+        with self._sessions() as session:
+            return continued_upload_key(session, base_generation=metadata.base_generation,
+                                        up_to_round=metadata.continues_round)
+
+    def _load_residual(self, delta: dict[str, torch.Tensor], base_generation: int, *,
+                       cumulative: bool) -> dict[str, torch.Tensor] | None:
         """The residual the last encoding left, if it belongs with this delta (else dropped).
 
-        A delta against the same generation as the one that left the residual is cumulative:
-        the node trained on from its own local model (the generation its last update went
-        into was rejected, or has not been pulled yet), so the new delta already holds
-        everything the last encoding left out, and adding the residual would count that
-        twice. The residual carries over only to a delta against a newer generation.
+        A ``cumulative`` delta against the same generation as the one that left the
+        residual contains the delta that left it: the node trained on from its own local
+        model (the generation its last update went into was rejected, or has not been
+        pulled yet), so the new delta already holds everything the last encoding left out
+        (and the server aggregates only its difference from an applied one), and adding
+        the residual would count that twice. A delta of its own (a run that started from
+        the generation again) gets the residual, as does a delta against a newer one.
         """
         path = self._dir / RESIDUAL_FILE
         if not path.is_file():
@@ -378,7 +393,7 @@ class SyncClient:
         except (SafetensorError, OSError, ValueError) as exc:
             LOGGER.warning("dropping the error-feedback residual %s: %s", path, exc)
             return None
-        if left_by == str(base_generation):
+        if cumulative and left_by == str(base_generation):
             LOGGER.info("not adding the error-feedback residual: the last update was against "
                         "generation %d too, and this delta contains it", base_generation)
             return None

@@ -162,6 +162,10 @@ class UpdateMetadata(BaseModel):
         Slices in those series.
     metrics:
         Local metrics, e.g. ``dice_before``/``dice_after`` on the local hold-out (JSON).
+    continues:
+        Idempotency key of this node's earlier upload against the same generation that
+        this delta contains (the node trained on from that round's model), or None. The
+        server aggregates only what is new (:mod:`federation.lineage`).
     tensors:
         Every tensor of the delta, keyed like the model's ``state_dict``.
     """
@@ -175,10 +179,12 @@ class UpdateMetadata(BaseModel):
     num_samples: int = Field(ge=1)
     num_slices: int = Field(ge=0)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    continues: str | None = Field(default=None, min_length=1, max_length=128)
     tensors: dict[str, TensorInfo]
 
     @classmethod
-    def from_delta(cls, meta: DeltaMetadata, tensors: dict[str, TensorInfo]) -> UpdateMetadata:
+    def from_delta(cls, meta: DeltaMetadata, tensors: dict[str, TensorInfo], *,
+                   continues: str | None = None) -> UpdateMetadata:
         """The update metadata of a delta file's metadata and the tensors being sent.
 
         Raises
@@ -191,7 +197,7 @@ class UpdateMetadata(BaseModel):
                        base_generation=meta.base_generation, base_sha256=meta.base_sha256,
                        num_samples=meta.num_samples, num_slices=meta.num_slices,
                        metrics=json.loads(meta.model_dump_json(include={"metrics"}))["metrics"],
-                       tensors=tensors)
+                       continues=continues, tensors=tensors)
         except ValidationError as exc:
             raise UpdateFormatError(f"delta metadata cannot make an update: "
                                     f"{_describe(exc)}") from None
@@ -325,7 +331,8 @@ def _encode_tensor(name: str, values: torch.Tensor, encoding: Encoding,
 
 def encode_update(delta: Mapping[str, torch.Tensor], metadata: DeltaMetadata, *,
                   encoding: Encoding | str = Encoding.TOPK_INT8, density: float = 0.2,
-                  residual: Mapping[str, torch.Tensor] | None = None) -> EncodedUpdate:
+                  residual: Mapping[str, torch.Tensor] | None = None,
+                  continues: str | None = None) -> EncodedUpdate:
     """Encode a delta for upload, with error feedback.
 
     Parameters
@@ -341,6 +348,9 @@ def encode_update(delta: Mapping[str, torch.Tensor], metadata: DeltaMetadata, *,
     residual:
         The residual returned by the previous call (same names and shapes), or None for
         the first upload against a model.
+    continues:
+        Idempotency key of the node's earlier upload that this delta contains, if any
+        (:attr:`UpdateMetadata.continues`).
 
     Returns
     -------
@@ -373,7 +383,7 @@ def encode_update(delta: Mapping[str, torch.Tensor], metadata: DeltaMetadata, *,
     infos = {name: TensorInfo(shape=list(values.shape), encoding=(
         encoding if values.numel() >= SMALL_TENSOR_NUMEL else Encoding.FP16))
         for name, values in sources.items()}
-    update_metadata = UpdateMetadata.from_delta(metadata, infos)
+    update_metadata = UpdateMetadata.from_delta(metadata, infos, continues=continues)
     _file_keys(infos)  # refuse names whose keys clash before writing
     stored: dict[str, torch.Tensor] = {}
     new_residual: dict[str, torch.Tensor] = {}

@@ -73,10 +73,12 @@ def _check_autogenerate(engine: Engine, history: str) -> None:
 
 def _update(session: Session, node_id: int, key: str, *, model: str = "leg",
             state: UpdateState = UpdateState.PENDING, num_samples: int = 4,
-            reason: str | None = None) -> tuple[FedUpdate, bool]:
+            reason: str | None = None, base_generation: int = 1,
+            continues_key: str | None = None) -> tuple[FedUpdate, bool]:
     return repo.insert_update_once(
         session, node_id=node_id, model_name=model, idempotency_key=key, state=state,
-        base_generation=1 if state == UpdateState.PENDING else None, num_samples=num_samples,
+        base_generation=base_generation if state == UpdateState.PENDING else None,
+        continues_key=continues_key, num_samples=num_samples,
         metrics={"dice_before": 0.5, "dice_after": 0.6}, encoding="topk-int8",
         size_bytes=1000, l2_norm=0.25 if state == UpdateState.PENDING else None, clipped=False,
         artifact_key=f"updates/leg/{key}.update" if state == UpdateState.PENDING else None,
@@ -141,7 +143,7 @@ def test_federation_schema_from_empty_to_head_and_back(backend: str, tmp_path: P
                                  r"or point DAFNE_FED_DB_URL at it"):
             check_current(engine, "federation")
         assert upgrade(engine, history="federation") == head_revision("federation")
-        assert upgrade(engine, history="federation") == "0001_federation"  # no-op again
+        assert upgrade(engine, history="federation") == head_revision("federation")  # no-op
         check_current(engine, "federation")
         tables = set(inspect(engine).get_table_names())
         assert tables == FED_TABLES | {"alembic_version_federation"}
@@ -181,9 +183,9 @@ def test_node_and_federation_histories_share_a_database(backend: str, tmp_path: 
                 table: connection.execute(text(f"SELECT version_num FROM {table}")).scalars().all()
                 for table in ("alembic_version_node", "alembic_version_federation")}
         assert versions == {"alembic_version_node": [head_revision("node")],
-                            "alembic_version_federation": ["0001_federation"]}
+                            "alembic_version_federation": [head_revision("federation")]}
         upgrade(engine)  # the node's restart leaves the federation alone
-        assert current_revision(engine, "federation") == "0001_federation"
+        assert current_revision(engine, "federation") == head_revision("federation")
 
 
 def test_federation_mismatch_names_its_own_commands(fed_sqlite_engine: Engine) -> None:
@@ -193,7 +195,7 @@ def test_federation_mismatch_names_its_own_commands(fed_sqlite_engine: Engine) -
         check_current(fed_sqlite_engine, "federation")
     assert str(raised.value) == (
         "the federation database is at schema revision 0000_old, this dafne-federation "
-        "expects 0001_federation: restart `dafne-federation serve`/`worker` with this "
+        "expects 0002_federation_continues: restart `dafne-federation serve`/`worker` with this "
         "version (they migrate it), or use the dafne-federation of the version that is "
         "running")
     with pytest.raises(SchemaMismatchError, match=r"no node database at .*dafne-node serve"):
@@ -484,6 +486,27 @@ def test_pending_updates_oldest_first_and_summary(fed_engine: Engine) -> None:
                                                    "unreadable at aggregation")
         assert refused.response == {"key": "k2"}  # the first answer is kept
         assert repo.pending_summary(session, "leg")[0] == 2
+
+
+def test_a_node_chain_is_read_and_a_contained_update_superseded(fed_engine: Engine) -> None:
+    with session_scope(fed_engine) as session:
+        _seed(session)
+        a, b = _node(session, "site-a")[0].id, _node(session, "site-b")[0].id
+        first = _update(session, a, "a-r1")[0].id
+        later = _update(session, a, "a-r2", continues_key="a-r1")[0].id
+        newer = _update(session, a, "a-g2", base_generation=2)[0].id
+        other = _update(session, b, "b-r1")[0].id
+    with session_scope(fed_engine) as session:
+        chain = repo.node_updates(session, "leg", {a}, {1})
+        assert [(u.id, u.continues_key) for u in chain] == [(first, None), (later, "a-r1")]
+        assert repo.node_updates(session, "leg", {a}, set()) == []
+        assert repo.supersede_update(session, first, f"contained in update {later}")
+        assert not repo.supersede_update(session, first, "again")
+    with session_scope(fed_engine) as session:
+        row = repo.get_update(session, first)
+        assert row is not None and row.state is UpdateState.SUPERSEDED
+        assert row.reason == f"contained in update {later}" and row.decided_at is not None
+        assert [u.id for u in repo.pending_updates(session, "leg", 10)] == [later, newer, other]
 
 
 def test_assign_updates_never_assigns_an_update_twice(fed_engine: Engine) -> None:

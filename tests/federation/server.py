@@ -194,8 +194,11 @@ def bundled_model() -> BaseModel:
 def make_update(base: BaseModel, delta: Mapping[str, torch.Tensor] | None = None, *,
                 base_generation: int = 1, base_sha256: str | None = None,
                 num_samples: int = 4, scale: float = 1e-3, seed: int = 0,
-                encoding: Encoding = Encoding.TOPK_INT8) -> bytes:
-    """An encoded update: ``delta`` or small seeded noise on every tensor."""
+                encoding: Encoding = Encoding.TOPK_INT8, continues: str | None = None) -> bytes:
+    """An encoded update: ``delta`` or small seeded noise on every tensor.
+
+    ``continues``: the idempotency key of the node's earlier update this one contains.
+    """
     if delta is None:
         generator = torch.Generator().manual_seed(seed)
         delta = {k: (torch.randn(v.shape, generator=generator) * scale).to(torch.float16)
@@ -205,4 +208,4 @@ def make_update(base: BaseModel, delta: Mapping[str, torch.Tensor] | None = None
                              base_sha256=base_sha256 or base.sha256, num_samples=num_samples,
                              num_slices=num_samples * 20,
                              metrics={"dice_before": 0.5, "dice_after": 0.6})
-    return encode_update(delta, metadata, encoding=encoding).payload
+    return encode_update(delta, metadata, encoding=encoding, continues=continues).payload

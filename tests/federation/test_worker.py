@@ -242,6 +242,69 @@ def test_a_stale_update_counts_less_and_a_lone_update_is_flushed_in_time(
     assert flushed.promoted and len(flushed.update_ids) == 1, flushed.reason
 
 
+def _noise(base: BaseModel, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=generator) * 1e-3 for k, v in base.state.items()}
+
+
+def _sum(*deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: sum(d[k] for d in deltas).to(torch.float16) for k in deltas[0]}
+
+
+def test_a_cumulative_update_supersedes_the_waiting_one_it_contains(
+        tmp_path: Path, base: BaseModel) -> None:
+    setup = _setup(tmp_path, buffer_size=3)
+    worker = _aggregator(setup, Clock())
+    first, more = _noise(base, 11), _noise(base, 12)
+    with TestClient(create_app(setup.config)) as client:
+        earlier = _push(client, setup, "hospital-a", make_update(base, _sum(first)), "a-r1")
+        later_body = make_update(base, _sum(first, more), num_samples=3, continues="a-r1")
+        later = _push(client, setup, "hospital-a", later_body, "a-r2")
+        other_body = make_update(base, seed=13, num_samples=1)
+        other = _push(client, setup, "hospital-b", other_body, "b-r1")
+
+        (outcome,) = worker.tick()
+
+        assert outcome.promoted, outcome.reason
+        assert set(outcome.update_ids) == {later, other}  # hospital A's round 1 counts once
+        assert outcome.superseded == (earlier,)
+        admin = {"Authorization": f"Bearer {setup.admin_token}"}
+        state = client.get(f"/v1/updates/{earlier}", headers=admin).json()
+        assert state["state"] == "superseded" and later in state["reason"]
+        new = _generation_state(client, setup, 2)
+    d_later, d_other = decode_update(later_body).tensors, decode_update(other_body).tensors
+    for name, weight in base.state.items():
+        expected = weight + 0.75 * d_later[name] + 0.25 * d_other[name]
+        torch.testing.assert_close(new[name], expected, rtol=0, atol=1e-6)
+
+
+def test_an_update_that_continues_an_applied_one_adds_only_what_is_new(
+        tmp_path: Path, base: BaseModel) -> None:
+    setup = _setup(tmp_path, buffer_size=1)
+    worker = _aggregator(setup, Clock())
+    first = _noise(base, 21)
+    more = {k: v if k == HEAD else torch.zeros_like(v) for k, v in _noise(base, 22).items()}
+    first_body = make_update(base, _sum(first))
+    cumulative_body = make_update(base, _sum(first, more), continues="a-r1")
+    with TestClient(create_app(setup.config)) as client:
+        _push(client, setup, "hospital-a", first_body, "a-r1")
+        (applied,) = worker.tick()
+        assert applied.promoted and applied.number == 2, applied.reason
+        # generation 2 has not been pulled: round 2 trained on from round 1, against 1
+        _push(client, setup, "hospital-a", cumulative_body, "a-r2")
+        (outcome,) = worker.tick()
+        assert outcome.promoted and outcome.number == 3, outcome.reason
+        gen2, gen3 = _generation_state(client, setup, 2), _generation_state(client, setup, 3)
+    d_first, d_cumulative = (decode_update(first_body).tensors,
+                             decode_update(cumulative_body).tensors)
+    for name in gen2:  # a lone update has weight 1, whatever its staleness
+        expected = gen2[name] + (d_cumulative[name] - d_first[name])
+        torch.testing.assert_close(gen3[name], expected, rtol=0, atol=1e-6)
+        if name != HEAD:  # round 2 learnt only the head: round 1 is not applied again
+            torch.testing.assert_close(gen3[name], gen2[name], rtol=0, atol=1e-6)
+    assert not torch.equal(gen3[HEAD], gen2[HEAD])
+
+
 def test_only_one_worker_aggregates_a_model_at_a_time(setup: FederationSetup,
                                                       client: TestClient,
                                                       base: BaseModel) -> None:

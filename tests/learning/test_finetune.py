@@ -127,6 +127,7 @@ def test_accepted_run_writes_local_model_and_delta(base_dir: Path, tmp_path: Pat
     delta = load_delta(outcome.delta_path)
     meta = delta.metadata
     assert (meta.base_generation, meta.local_round, meta.num_samples) == (1, 1, 6)
+    assert meta.continues_round is None  # trained from the generation itself
     assert meta.base_sha256 == base.manifest.weights.sha256
     assert meta.metrics["heldout_dice_after"] == pytest.approx(outcome.tuned_heldout.mean_dice)
     rebuilt = apply_delta(base.model.state_dict(), delta.tensors)
@@ -197,6 +198,7 @@ def test_local_model_fine_tunes_against_its_root(base_dir: Path, tmp_path: Path)
     root = load_model_dir(base_dir).model.state_dict()
     delta = load_delta(second.delta_path)
     assert delta.metadata.local_round == 2 and delta.metadata.base_generation == 1
+    assert delta.metadata.continues_round == 1  # it contains round 1's delta
     rebuilt = apply_delta(root, delta.tensors)
     tuned = load_model_dir(second.model_dir).model.state_dict()
     for name, weight in tuned.items():

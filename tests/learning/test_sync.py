@@ -208,9 +208,12 @@ def client(config: NodeConfig, sessions: sessionmaker[Session], server: FakeServ
 
 
 def queue_delta(config: NodeConfig, sessions: sessionmaker[Session], *,
-                local_round: int = 1, now: datetime = T0,
-                base_generation: int = 1) -> FederationUpload:
-    """A delta file of an accepted run against generation ``base_generation``, queued."""
+                local_round: int = 1, now: datetime = T0, base_generation: int = 1,
+                continues_round: int | None = None) -> FederationUpload:
+    """A delta file of an accepted run against generation ``base_generation``, queued.
+
+    ``continues_round``: the run fine-tuned that local round's model (a cumulative delta).
+    """
     root = load_model_dir(default_model_dir())
     generator = torch.Generator().manual_seed(local_round)
     tensors = {name: (torch.randn(value.shape, generator=generator) * 1e-3).half()
@@ -218,8 +221,8 @@ def queue_delta(config: NodeConfig, sessions: sessionmaker[Session], *,
     metadata = DeltaMetadata(
         model_name=root.manifest.name, architecture=root.manifest.architecture.id,
         base_generation=base_generation, base_sha256=root.manifest.weights.sha256,
-        local_round=local_round, num_samples=3, num_slices=36,
-        metrics={"heldout_dice_after": 0.91})
+        local_round=local_round, continues_round=continues_round, num_samples=3,
+        num_slices=36, metrics={"heldout_dice_after": 0.91})
     path = (config.node.data_dir / "models"
             / f"dafne-leg-g{base_generation}-local{local_round}" / "delta.safetensors")
     save_delta(path, tensors, metadata)
@@ -735,30 +738,52 @@ def test_the_node_process_runs_the_sync_and_records_an_unreachable_server(
     engine.dispose()
 
 
-def test_the_residual_carries_over_to_a_newer_generation_only(
+def _encoding(upload: FederationUpload, residual: dict[str, torch.Tensor] | None
+              ) -> EncodedUpdate:
+    delta = load_delta(upload.delta_path)
+    return encode_update(delta.tensors, delta.metadata, density=0.2, residual=residual)
+
+
+def _same_tensors(payload: bytes, expected: EncodedUpdate) -> bool:
+    sent, wanted = decode_update(payload).tensors, decode_update(expected.payload).tensors
+    return all(torch.equal(sent[name], wanted[name]) for name in wanted)
+
+
+def test_a_cumulative_delta_names_the_upload_it_continues_and_leaves_the_residual_out(
     config: NodeConfig, sessions: sessionmaker[Session],
 ) -> None:
-    """A second delta against the same generation is cumulative: the residual would count twice."""
+    """Round 2 trained on from round 1: it contains round 1, whose residual would count twice."""
     server = FakeServer(uploads=[accepted(), accepted(), accepted()])
     sync = client(config, sessions, server)
-    queue_delta(config, sessions, local_round=1)
+    first = queue_delta(config, sessions, local_round=1)
     assert sync.upload_due() == 1
-    same_base = queue_delta(config, sessions, local_round=2)
+    same_base = queue_delta(config, sessions, local_round=2, continues_round=1)
     newer_base = queue_delta(config, sessions, local_round=1, base_generation=2)
 
     assert sync.upload_due() == 2
 
-    def encoding(upload: FederationUpload, residual: dict[str, torch.Tensor] | None
-                 ) -> EncodedUpdate:
-        delta = load_delta(upload.delta_path)
-        return encode_update(delta.tensors, delta.metadata, density=0.2, residual=residual)
+    posted_first, cumulative, carried = server.posted()
+    assert decode_update(posted_first.content).metadata.continues is None
+    assert decode_update(cumulative.content).metadata.continues == first.idempotency_key
+    assert _same_tensors(cumulative.content, _encoding(same_base, None))
+    left_over = _encoding(same_base, None).residual
+    assert decode_update(carried.content).metadata.continues is None
+    assert _same_tensors(carried.content, _encoding(newer_base, left_over))
+    assert not _same_tensors(carried.content, _encoding(newer_base, None))
 
-    def same_tensors(payload: bytes, expected: EncodedUpdate) -> bool:
-        sent, wanted = decode_update(payload).tensors, decode_update(expected.payload).tensors
-        return all(torch.equal(sent[name], wanted[name]) for name in wanted)
 
-    _, cumulative, carried = server.posted()
-    assert same_tensors(cumulative.content, encoding(same_base, None))
-    left_over = encoding(same_base, None).residual
-    assert same_tensors(carried.content, encoding(newer_base, left_over))
-    assert not same_tensors(carried.content, encoding(newer_base, None))
+def test_a_delta_of_its_own_against_the_same_generation_gets_the_residual(
+    config: NodeConfig, sessions: sessionmaker[Session],
+) -> None:
+    """A run that started from the generation again (local models not activated) contains
+    nothing of the last upload: what that encoding left out is still owed."""
+    server = FakeServer(uploads=[accepted(), accepted()])
+    sync = client(config, sessions, server)
+    first = queue_delta(config, sessions, local_round=1)
+    assert sync.upload_due() == 1
+    own = queue_delta(config, sessions, local_round=2)
+    assert sync.upload_due() == 1
+
+    _, second = server.posted()
+    assert decode_update(second.content).metadata.continues is None
+    assert _same_tensors(second.content, _encoding(own, _encoding(first, None).residual))
