@@ -16,6 +16,7 @@ seeds. See ``bench/improvement/run.py`` for the protocol.
     .venv/bin/python bench/federated_improvement.py --generations 2 --studies 2 \\
         --slices 12 --steps 10 --arms ours                               # a quick look
     .venv/bin/python bench/federated_improvement.py --poison label-flip  # a poisoned hospital
+    .venv/bin/python bench/federated_improvement.py --parallel-arms      # both arms at once
 
 Writes ``results.json``, ``table.md`` and ``dice.png`` into ``--out`` and prints the table
 and the slope fits.
@@ -31,6 +32,7 @@ import shlex
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the radiologist corrects only slices below this Dice")
     parser.add_argument("--arms", default=",".join(defaults.arms),
                         help="ours, dafne or both")
+    parser.add_argument("--parallel-arms", action="store_true",
+                        help="run the arms at the same time (own servers, nodes and ports): "
+                        "one arm's DICOM, gate and scoring phases fill the cores while the "
+                        "other's nodes train")
     parser.add_argument("--poison", choices=["label-flip", "noise"], default=None,
                         help="add a poisoned hospital")
     parser.add_argument("--clean", type=Path, default=None, metavar="RESULTS_JSON",
@@ -85,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root-width", type=int, default=None,
                         help="base channels of the root's network (the product's model: 16)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--base-port", type=int, default=defaults.base_port,
+                        help="first loopback port; each arm takes 20 from here")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: "
                         "a temporary one)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "weak-root",
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                        eval_slices=args.eval_slices, slice_dice_threshold=args.threshold,
                        max_site_drop=args.max_site_drop,
                        arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
-                       poison=args.poison, seed=args.seed)
+                       poison=args.poison, seed=args.seed, base_port=args.base_port)
     started = time.perf_counter()
     root_params = {"subjects": args.root_subjects}
     if args.root_steps is not None:
@@ -119,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     print("weak root, mean Dice per site: " + ", ".join(f"{s} {d:.3f}" for s, d in
                                                          sorted(start.items())), flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="dafne-improvement-"))
-    results = [run_arm(arm, config, work / arm, root_dir, datasets, progress=print)
-               for arm in config.arms]
+    with ThreadPoolExecutor(max_workers=len(config.arms) if args.parallel_arms else 1) as pool:
+        results = list(pool.map(
+            lambda arm: run_arm(arm, config, work / arm, root_dir, datasets, progress=print),
+            config.arms))
     records = [record for result in results for record in result.records]
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join([".venv/bin/python", "bench/federated_improvement.py",
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         records, arm=result.arm, fit=overall[result.arm],
         promoted=[o.promoted for o in result.outcomes],
         baseline_arm="dafne" if result.arm == "ours" else None,
-        clean=[r for r in clean if r.arm == result.arm] if clean else None)
+        clean=[r for r in clean or () if r.arm == result.arm] or None)
         for result in results}
     (args.out / "results.json").write_text(json.dumps({
         "command": command, "config": dataclasses.asdict(config), "starting_dice": start,

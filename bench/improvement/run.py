@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,11 @@ from tests.federation.server import (
 LOGGER = logging.getLogger(__name__)
 
 ARMS = {"ours": "fedbuff", "dafne": "dafne"}
+
+_SETUP_LOCK = threading.Lock()
+"""Arms that run at once set their servers up one at a time: ``set_up`` runs the
+``dafne-federation`` commands in this process, and their migrations and redirected output
+are process-wide."""
 """Arm name -> the strategy its server's model is created with."""
 
 EVAL_SEED = 70_000
@@ -251,11 +257,12 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
     plans = config.plans()
     seed_manifest = load_manifest(root_dir)
     labels = [label.value for label in seed_manifest.labels]
-    setup = set_up(work / "server", nodes=tuple(p.name for p in plans), strategy=ARMS[arm],
-                   model_dir=root_dir, validation_sites="A,B,C,D", validation_per_site=1,
-                   validation_slices=config.gate_slices,
-                   sections={"gate": {"max_site_drop": config.max_site_drop},
-                             "aggregation": {"server_lr": config.server_lr}})
+    with _SETUP_LOCK:
+        setup = set_up(work / "server", nodes=tuple(p.name for p in plans),
+                       strategy=ARMS[arm], model_dir=root_dir, validation_sites="A,B,C,D",
+                       validation_per_site=1, validation_slices=config.gate_slices,
+                       sections={"gate": {"max_site_drop": config.max_site_drop},
+                                 "aggregation": {"server_lr": config.server_lr}})
     offset = config.base_port + 20 * list(ARMS).index(arm)
     with start_api(setup) as url:
         server = _Server(setup, url)
