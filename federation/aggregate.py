@@ -3,8 +3,9 @@
 Strategies (:mod:`federation.strategies`) are written in terms of these functions, so the
 math is tested on its own, without a database, files or a server. Every function returns
 new tensors and leaves its inputs alone; sums are computed in fp32 whatever the stored
-dtypes, and every mismatch of tensor names or shapes is a ``ValueError`` naming the tensor:
-averaging tensors of different models must never happen quietly.
+dtypes (the weighted mean of updates in fp64, see :func:`weighted_average`), and every
+mismatch of tensor names or shapes is a ``ValueError`` naming the tensor: averaging tensors
+of different models must never happen quietly.
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ def weighted_average(deltas: Sequence[Tensors],
                      weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """``sum_i w_i * delta_i / sum_i w_i`` per tensor, in fp32.
 
+    The sum is accumulated in fp64 and rounded to fp32 once, so the mean does not depend
+    on the order of ``deltas`` (in fp32, ``a + b + c`` and ``c + a + b`` differ in the last
+    bits, and a training run from either candidate then drifts apart). The same updates,
+    in whatever order they arrived, make the same candidate: a run is repeatable, and a
+    generation recomputed from its recorded updates has the recorded sha256.
+
     Raises
     ------
     ValueError
@@ -115,9 +122,9 @@ def weighted_average(deltas: Sequence[Tensors],
         raise ValueError("the weights sum to zero")
     for index, delta in enumerate(deltas[1:], start=1):
         _check_same(deltas[0], delta, f"delta {index}")
-    return {name: sum((delta[name].detach().float() * (weight / total)
-                       for delta, weight in zip(deltas, weights, strict=True)),
-                      start=torch.zeros_like(first, dtype=torch.float32))
+    return {name: (sum((delta[name].detach().double() * weight
+                        for delta, weight in zip(deltas, weights, strict=True)),
+                       start=torch.zeros_like(first, dtype=torch.float64)) / total).float()
             for name, first in deltas[0].items()}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -77,6 +78,17 @@ def test_weighted_average_normalises_the_weights() -> None:
     assert all(torch.allclose(scaled[k], average[k]) for k in average)
     only_first = weighted_average(deltas, [1.0, 0.0])
     assert torch.equal(only_first["w"], _t(1.0, 0.0))
+
+
+def test_weighted_average_does_not_depend_on_the_order_of_the_updates() -> None:
+    """Updates arrive in any order; the same ones must make bit for bit the same candidate."""
+    generator = torch.Generator().manual_seed(5)
+    deltas = [{"w": torch.randn(20_000, generator=generator) * 10 ** -k} for k in range(4)]
+    weights = [3.0, 1.0 / 3.0, 0.7071067811865476, 2.5]
+    first = weighted_average(deltas, weights)["w"]
+    for order in itertools.permutations(range(4)):
+        again = weighted_average([deltas[i] for i in order], [weights[i] for i in order])
+        assert torch.equal(again["w"], first), order
 
 
 def test_weighted_average_computes_in_fp32() -> None:
