@@ -100,8 +100,7 @@ def weighted_average(deltas: Sequence[Tensors],
     The sum is accumulated in fp64 and rounded to fp32 once, so the mean does not depend
     on the order of ``deltas`` (in fp32, ``a + b + c`` and ``c + a + b`` differ in the last
     bits, and a training run from either candidate then drifts apart). The same updates,
-    in whatever order they arrived, make the same candidate: a run is repeatable, and a
-    generation recomputed from its recorded updates has the recorded sha256.
+    in whatever order they arrived, make the same candidate, and a run repeats.
 
     Raises
     ------
