@@ -24,21 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dafne_node.learning.finetune import FinetuneSettings, finetune  # noqa: E402 - path set up
+from bench.federated_round import SITES, example  # noqa: E402 - path set up above
+from bench.improvement.run import RunConfig, evaluation_set  # noqa: E402
+from dafne_node.learning.finetune import FinetuneSettings, finetune  # noqa: E402
 from dafne_node.model.manifest import load_model_dir  # noqa: E402
-from dafne_node.model.train import TrainingExample  # noqa: E402
-from dafne_node.phantom import make_study  # noqa: E402
 from federation.gate import Scores, score_state  # noqa: E402
 from federation.validation import ValidationCase  # noqa: E402
 
-SITES = "ABCD"
-EVAL_SEED = 70_000
 STUDY_SEED = 55_000
-
-
-def example(site: str, seed: int, slices: int = 24) -> TrainingExample:
-    study = make_study(site=site, seed=seed, slices=slices)
-    return TrainingExample(study.pixels, study.labels, tuple(study.pixel_spacing))
 
 
 def row(name: str, scores: Scores) -> str:
@@ -60,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
-    evaluation = [ValidationCase(site=site, name=f"{site}{i}",
-                                 example=example(site, EVAL_SEED + 100 * SITES.index(site) + i))
-                  for site in SITES for i in range(args.eval_per_site)]
-    data = [example(args.site, STUDY_SEED + i) for i in range(args.studies)]
+    evaluation = [ValidationCase(site=site, name=name, example=case)
+                  for site, cases in evaluation_set(RunConfig(eval_per_site=args.eval_per_site))
+                  .items() for name, case in cases]
+    data = [example(args.site, STUDY_SEED + i, 24) for i in range(args.studies)]
     base = load_model_dir(args.model_dir)
     print(f"| site {args.site}'s node, {args.steps} steps at lr {args.lr:g} | "
           + " | ".join(SITES) + " |\n|---|" + "---:|" * len(SITES))

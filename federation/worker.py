@@ -89,8 +89,8 @@ class _Waiting:
     num_samples: int
     applied_id: str | None
     """The applied update it continues, whose delta is subtracted from its own."""
-    artifacts: Mapping[str, str | None]
-    """Stored uploads of the updates on its chain, by id."""
+    applied_key: str | None
+    """That applied update's stored upload."""
 
 
 def make_strategy_for(config: FederationConfig, name: str) -> Strategy:
@@ -219,9 +219,13 @@ class Aggregator:
             rows = repo.pending_updates(session, model_name, self._config.aggregation.max_buffer)
             lineage, artifacts = self._lineage(session, model_name, rows) \
                 if self._follows_chains(model_strategy) else (Lineage({}, {}), {})
-            waiting = [_Waiting(u.id, u.artifact_key, u.base_generation, u.num_samples,
-                                lineage.subtract.get(u.id), artifacts)
-                       for u in rows if u.id not in lineage.superseded]
+            waiting = []
+            for u in rows:
+                if u.id not in lineage.superseded:
+                    applied = lineage.subtract.get(u.id)
+                    waiting.append(_Waiting(u.id, u.artifact_key, u.base_generation,
+                                            u.num_samples, applied,
+                                            artifacts.get(applied) if applied else None))
             buffer = {u.id for u in rows}
         state = load_weights(self._store, current_key, current_sha)
         if current_scores is None:
@@ -375,11 +379,10 @@ class Aggregator:
                     raise UpdateFormatError("the update has no stored artifact")
                 delta = decode_update(self._store.get(item.artifact_key)).tensors
                 if item.applied_id is not None:
-                    applied_key = item.artifacts.get(item.applied_id)
-                    if applied_key is None:
+                    if item.applied_key is None:
                         raise UpdateFormatError(f"the applied update {item.applied_id} it "
                                                 "continues has no stored artifact")
-                    applied = decode_update(self._store.get(applied_key)).tensors
+                    applied = decode_update(self._store.get(item.applied_key)).tensors
                     delta = {name: tensor - applied[name] for name, tensor in delta.items()}
             except (UpdateFormatError, KeyError, OSError) as exc:
                 reason = f"stored update unreadable at aggregation: {exc}"

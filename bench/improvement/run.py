@@ -63,12 +63,12 @@ from tests.federation.server import (
 LOGGER = logging.getLogger(__name__)
 
 ARMS = {"ours": "fedbuff", "dafne": "dafne"}
+"""Arm name -> the strategy its server's model is created with."""
 
 _SETUP_LOCK = threading.Lock()
 """Arms that run at once set their servers up one at a time: ``set_up`` runs the
 ``dafne-federation`` commands in this process, and their migrations and redirected output
 are process-wide."""
-"""Arm name -> the strategy its server's model is created with."""
 
 EVAL_SEED = 70_000
 STUDY_SEED = 20_000
