@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the gate's per-site allowance in our arm")
     parser.add_argument("--threshold", type=float, default=None,
                         help="the radiologist corrects only slices below this Dice")
+    slow = next(plan for plan in defaults.hospitals if plan.train_every > 1)
+    parser.add_argument("--slow-site", choices=[p.site for p in defaults.hospitals],
+                        default=slow.site, help="the site whose hospital trains (and pulls) "
+                        "only every --slow-every generations, so its updates arrive stale")
+    parser.add_argument("--slow-every", type=int, default=slow.train_every)
     parser.add_argument("--arms", default=",".join(defaults.arms),
                         help="ours, dafne or both")
     parser.add_argument("--parallel-arms", action="store_true",
@@ -105,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("info")
     logging.getLogger("bench").setLevel(logging.INFO)
-    config = RunConfig(generations=args.generations, studies_per_round=args.studies,
+    hospitals = tuple(dataclasses.replace(
+        plan, train_every=args.slow_every if plan.site == args.slow_site else 1)
+        for plan in RunConfig().hospitals)
+    config = RunConfig(hospitals=hospitals, generations=args.generations,
+                       studies_per_round=args.studies,
                        slices=args.slices, matrix=args.matrix, steps=args.steps,
                        learning_rate=args.lr, server_lr=args.server_lr,
                        contrast_fold=args.contrast_fold, threads=args.threads,
