@@ -106,23 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The run's sizes from the command line (the slow hospital by its site)."""
+    hospitals = tuple(dataclasses.replace(
+        plan, train_every=args.slow_every if plan.site == args.slow_site else 1)
+        for plan in RunConfig().hospitals)
+    return RunConfig(
+        hospitals=hospitals, generations=args.generations, studies_per_round=args.studies,
+        slices=args.slices, matrix=args.matrix, steps=args.steps, learning_rate=args.lr,
+        server_lr=args.server_lr, contrast_fold=args.contrast_fold, threads=args.threads,
+        eval_per_site=args.eval_per_site, eval_slices=args.eval_slices,
+        slice_dice_threshold=args.threshold, max_site_drop=args.max_site_drop,
+        arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
+        poison=args.poison, seed=args.seed, base_port=args.base_port)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("info")
     logging.getLogger("bench").setLevel(logging.INFO)
-    hospitals = tuple(dataclasses.replace(
-        plan, train_every=args.slow_every if plan.site == args.slow_site else 1)
-        for plan in RunConfig().hospitals)
-    config = RunConfig(hospitals=hospitals, generations=args.generations,
-                       studies_per_round=args.studies,
-                       slices=args.slices, matrix=args.matrix, steps=args.steps,
-                       learning_rate=args.lr, server_lr=args.server_lr,
-                       contrast_fold=args.contrast_fold, threads=args.threads,
-                       eval_per_site=args.eval_per_site,
-                       eval_slices=args.eval_slices, slice_dice_threshold=args.threshold,
-                       max_site_drop=args.max_site_drop,
-                       arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
-                       poison=args.poison, seed=args.seed, base_port=args.base_port)
+    config = run_config(args)
     started = time.perf_counter()
     root_params = {"subjects": args.root_subjects}
     if args.root_steps is not None:
