@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -120,6 +121,31 @@ def _make_ae(calling_ae: str, timeout: float) -> AE:
                     dimse_timeout=timeout, network_timeout=timeout, connection_timeout=timeout)
 
 
+def leave_responses_to_the_caller(assoc: Association) -> None:
+    """Keep pynetdicom's association thread from taking the response to our request.
+
+    Why: that thread also takes messages off the DIMSE queue, to serve requests a peer
+    sends on our association (the C-STOREs of a C-GET; this module sends none). Before
+    ``send_c_store`` waits for its response it pauses the thread, but the pause has a
+    window: the thread may have passed its checkpoint while still flagged as paused, and
+    if it is descheduled there until the response arrives it takes the response and
+    drops it. The sender then waits out the DIMSE timeout (30 s), aborts and sends the
+    rest again. Seen under load: in the multi-hospital run (one process sending to eight
+    nodes, some 170 threads) associations stalled so several times a generation, each
+    right after an instance the node had stored.
+
+    Only that thread takes messages without blocking (every ``send_*`` method blocks), so
+    its takes now find nothing and every message waits for the caller.
+    """
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        return take(block=True) if block else (None, None)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
+
+
 def _associate(
     ae: AE, destination: Destination, contexts: Sequence[object] | None = None
 ) -> Association:
@@ -131,6 +157,7 @@ def _associate(
         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
     )
     if assoc.is_established:
+        leave_responses_to_the_caller(assoc)
         return assoc
     if assoc.is_rejected:
         reason = "association rejected"
