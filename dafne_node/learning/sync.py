@@ -79,7 +79,13 @@ from dafne_node.model_registry import (
     register_active_model,
 )
 from db.base import utcnow
-from db.federation_sync import continued_upload_key, due_uploads, sync_state, take_lease
+from db.federation_sync import (
+    continued_upload_key,
+    due_uploads,
+    release_sync_leases,
+    sync_state,
+    take_lease,
+)
 from db.node_models import FederationUpload, UploadState
 
 __all__ = [
@@ -217,7 +223,17 @@ class SyncClient:
                 stop.wait(max(0.05, min(UPLOAD_CHECK_S, next_poll - time.monotonic())))
         finally:
             self.close()
+            self._guarded(self.release_lease)
             LOGGER.info("federation sync stopped")
+
+    def release_lease(self) -> None:
+        """Give back the sync lease if this process holds it.
+
+        Why: a lease left behind makes another process wait until it runs out, and makes
+        the next start of this node report the clean stop as a crash.
+        """
+        with self._sessions() as session, session.begin():
+            release_sync_leases(session, [self._owner])
 
     def close(self) -> None:
         """Close the HTTP connections."""

@@ -50,7 +50,7 @@ from dafne_node.model.signature import public_key_text
 from dafne_node.model_registry import active_model, register_active_model
 from dafne_node.status import collect_status, format_status
 from db.base import utcnow
-from db.federation_sync import enqueue_upload
+from db.federation_sync import enqueue_upload, sync_state
 from db.migrate import upgrade
 from db.node_models import FederationSync, FederationUpload, Model, UploadState
 from db.session import make_engine, make_session_factory
@@ -706,6 +706,26 @@ def test_the_loop_pulls_and_uploads_and_stops_at_once(
         stop.set()
         thread.join(5)
     assert not thread.is_alive() and time.monotonic() - stopped_at < 1.0
+
+
+def test_a_stopped_loop_gives_its_lease_back(
+    config: NodeConfig, sessions: sessionmaker[Session],
+) -> None:
+    server = FakeServer()
+    sync = SyncClient(config, sessions, transport=server.transport(), owner="stopping")
+    stop = threading.Event()
+    thread = threading.Thread(target=sync.run, args=(stop,))
+    thread.start()
+    try:
+        _wait_for(lambda: "GET /v1/models/leg/generations/latest" in server.paths())
+    finally:
+        stop.set()
+        thread.join(5)
+    with sessions() as session:
+        assert sync_state(session, "leg").lease_owner is None
+    # another process (or this node started again) syncs at once, no lease to wait out
+    other = SyncClient(config, sessions, transport=server.transport(), owner="next")
+    assert other.poll().outcome != "busy"
 
 
 def test_the_node_process_runs_the_sync_and_records_an_unreachable_server(
