@@ -1,4 +1,4 @@
-"""Federated rounds from the weak root, in one process: which node settings help?
+"""Federated rounds from the weak root (or any model), in one process: which settings help?
 
 The multi-hospital run (``bench/federated_improvement.py``) takes most of an hour; this
 script measures in minutes what its generations do, in one process and with the same parts:
@@ -130,16 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "weak-root")
+    parser.add_argument("--start", type=Path, default=None, metavar="MODEL_DIR",
+                        help="start from this model instead of the weak root, e.g. a late "
+                        "generation a run left in its --work folder "
+                        "(WORK/ours/hospital-b/node/models/dafne-leg-g9)")
     args = parser.parse_args(argv)
 
-    root_dir = weak_root(args.cache)
+    root_dir = args.start or weak_root(args.cache)
     root = load_model_dir(root_dir)
     validation = [ValidationCase(site=site, name=f"{site}0",
                                  example=example(site, VALIDATION_SEED + i, 16))
                   for i, site in enumerate(SITES)]
     print("| model | mean Dice | per site |\n|---|---:|---|")
-    print(describe("weak root", score_state(root.manifest, root.model.state_dict(),
-                                            validation)), flush=True)
+    print(describe("start" if args.start else "weak root",
+                   score_state(root.manifest, root.model.state_dict(), validation)), flush=True)
     for chosen in args.variants:
         with tempfile.TemporaryDirectory(prefix="dafne-round-") as tmp:
             model_dir = root_dir
