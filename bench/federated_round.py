@@ -10,7 +10,7 @@ on its own studies (``FOLD``: the probability of contrast folding, ``contrast_fo
 script then scores, on one validation subject per site (seeds 90000 + site, 16 slices;
 never trained on):
 
-* site A's update alone and site C's update alone (does a node's own update help its own
+* site A's, site C's and site D's update alone (does a node's own update help its own
   site? from a weak root a fresh optimiser can first make things worse);
 * the FedBuff candidate of all four at each server learning rate.
 
@@ -103,13 +103,15 @@ def describe(name: str, scores: Scores) -> str:
 
 def train_round(model_dir: Path, base: LoadedModel, state: Mapping[str, torch.Tensor],
                 data: Mapping[str, list[TrainingExample]], chosen: Variant, *, threads: int,
-                density: float, work: Path) -> dict[str, dict[str, torch.Tensor]]:
+                density: float, work: Path, fold_sites: str = SITES
+                ) -> dict[str, dict[str, torch.Tensor]]:
     """Every site's decoded upload after fine-tuning ``model_dir`` (loaded as ``base``, its
-    fp32 weights ``state``) on its own studies."""
-    settings = FinetuneSettings(steps=chosen.steps, lr=chosen.lr, threads=threads,
-                                contrast_fold=chosen.contrast_fold)
+    fp32 weights ``state``) on its own studies; only ``fold_sites`` fold contrast."""
     deltas = {}
     for site in SITES:
+        settings = FinetuneSettings(
+            steps=chosen.steps, lr=chosen.lr, threads=threads,
+            contrast_fold=chosen.contrast_fold if site in fold_sites else 0.0)
         outcome = finetune(model_dir, data[site], [], [], settings, out_dir=work / site,
                            checkpoint_dir=work / f"{site}-checkpoint", progress=False)
         if outcome.model_dir is None:
@@ -130,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "weak-root")
+    parser.add_argument("--fold-sites", default=SITES, metavar="SITES",
+                        help="the sites whose nodes fold contrast (FOLD of each variant), "
+                        "e.g. ABD: site C's fat-suppressed images are left as they are")
     parser.add_argument("--start", type=Path, default=None, metavar="MODEL_DIR",
                         help="start from this model instead of the weak root, e.g. a late "
                         "generation a run left in its --work folder "
@@ -155,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                 base = load_model_dir(model_dir)
                 state = {name: value.float() for name, value in base.model.state_dict().items()}
                 deltas = train_round(model_dir, base, state, data, chosen, threads=args.threads,
-                                     density=args.density, work=work)
+                                     density=args.density, work=work,
+                                     fold_sites=args.fold_sites)
                 print(f"| *{chosen}, round {round_} ({time.perf_counter() - started:.0f} s of "
                       "training)* | | |", flush=True)
-                for site in ("A", "C"):
+                for site in ("A", "C", "D"):
                     alone = FedBuff().aggregate(
                         state, 1, [BufferedUpdate(site, deltas[site], 1, 3)],
                         lambda n, state=state: state)
