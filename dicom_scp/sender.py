@@ -121,7 +121,7 @@ def _make_ae(calling_ae: str, timeout: float) -> AE:
                     dimse_timeout=timeout, network_timeout=timeout, connection_timeout=timeout)
 
 
-def leave_responses_to_the_caller(assoc: Association) -> None:
+def _leave_responses_to_the_caller(assoc: Association) -> None:
     """Keep pynetdicom's association thread from taking the response to our request.
 
     Why: that thread also takes messages off the DIMSE queue, to serve requests a peer
@@ -157,7 +157,7 @@ def _associate(
         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
     )
     if assoc.is_established:
-        leave_responses_to_the_caller(assoc)
+        _leave_responses_to_the_caller(assoc)
         return assoc
     if assoc.is_rejected:
         reason = "association rejected"
