@@ -95,7 +95,7 @@ def staleness_weight(current_generation: int, base_generation: int) -> float:
 
 def weighted_average(deltas: Sequence[Tensors],
                      weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """``sum_i w_i * delta_i / sum_i w_i`` per tensor, in fp32.
+    """``sum_i w_i * delta_i / sum_i w_i`` per tensor, returned in fp32.
 
     The sum is accumulated in fp64 and rounded to fp32 once, so the mean does not depend
     on the order of ``deltas`` (in fp32, ``a + b + c`` and ``c + a + b`` differ in the last

@@ -223,7 +223,10 @@ class SyncClient:
                 stop.wait(max(0.05, min(UPLOAD_CHECK_S, next_poll - time.monotonic())))
         finally:
             self.close()
-            self._guarded(self.release_lease)
+            try:
+                self.release_lease()
+            except Exception:  # the database is gone: the lease runs out by itself
+                LOGGER.exception("federation sync: could not give back the sync lease")
             LOGGER.info("federation sync stopped")
 
     def release_lease(self) -> None:
