@@ -20,6 +20,11 @@ phantom subjects and a short training:
 by a hash of the parameters (and the training precision this CPU resolves "auto" to), and
 builds it in a temporary sibling folder that is renamed into place only when complete, so
 a killed build never leaves half a model and repeated runs and tests do not retrain.
+
+The default root ships with the project (``bench/improvement/roots``): a build is repeatable
+on one machine but not bit for bit across machines (two checkouts on the same kind of
+machine built roots scoring 0.562 and 0.636 on site A), and a poisoned run is only
+comparable with a clean run of another day if both started from the same weights.
 """
 
 from __future__ import annotations
@@ -38,13 +43,18 @@ from dafne_node.model.train import TrainingExample, build_default_model, evaluat
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_STEPS", "build_weak_root", "cache_key", "starting_dice", "weak_root"]
+__all__ = ["DEFAULT_STEPS", "SHIPPED_ROOTS", "build_weak_root", "cache_key", "starting_dice",
+           "weak_root"]
 
 DEFAULT_STEPS = 180
 """Optimiser steps of the weak root: enough to find the muscles, far from converged."""
 
 DEFAULT_WIDTH = 16
 """The network's base channels, as in the product's model."""
+
+SHIPPED_ROOTS = Path(__file__).with_name("roots")
+"""Weak roots committed with the project, one folder per :func:`cache_key`: the defaults,
+trained in bf16 (a CPU without bf16 resolves another key and builds its own)."""
 
 _KEY_VERSION = 1
 """Bumped when the build changes in a way the parameters do not show."""
@@ -134,10 +144,12 @@ def weak_root(
     val_subjects: int = 2,
     precision: Precision = "auto",
     progress: bool = False,
+    shipped_dir: Path = SHIPPED_ROOTS,
 ) -> Path:
     """The weak root's model directory for these parameters, built on first use.
 
-    The folder is ``cache_dir/<cache_key>``; a folder that is there but does not load
+    The folder is ``shipped_dir/<cache_key>`` when the project ships that root, else
+    ``cache_dir/<cache_key>``; a cached folder that is there but does not load
     (``load_model_dir`` refuses it) is built again. The build goes to a temporary folder
     in ``cache_dir`` that is renamed into place when complete.
 
@@ -146,8 +158,13 @@ def weak_root(
     """
     resolved = resolve_precision(precision)
     cache_dir = Path(cache_dir)
-    target = cache_dir / cache_key(subjects=subjects, steps=steps, slices=slices, width=width,
-                                   seed=seed, val_subjects=val_subjects, precision=resolved)
+    key = cache_key(subjects=subjects, steps=steps, slices=slices, width=width, seed=seed,
+                    val_subjects=val_subjects, precision=resolved)
+    shipped = Path(shipped_dir) / key
+    if shipped.is_dir():
+        load_model_dir(shipped)  # a broken shipped root is a defect of the checkout: say so
+        return shipped
+    target = cache_dir / key
     if target.is_dir():
         try:
             load_model_dir(target)

@@ -143,6 +143,32 @@ def test_weak_root_is_built_once_per_parameter_set(tmp_path: Path,
     assert set(dice) == {"C"} and 0.0 <= dice["C"] <= 1.0
 
 
+def test_a_shipped_root_is_used_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = {"subjects": 1, "steps": 2, "slices": 4, "val_subjects": 0}
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    built = root.weak_root(tmp_path / "elsewhere", shipped_dir=shipped, **tiny)
+    built.rename(shipped / built.name)
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a shipped weak root was built again")
+
+    monkeypatch.setattr(root, "build_weak_root", no_build)
+    cache = tmp_path / "cache"
+    assert root.weak_root(cache, shipped_dir=shipped, **tiny) == shipped / built.name
+    assert not cache.exists()  # nothing cached beside it
+
+
+def test_the_project_ships_the_default_weak_root() -> None:
+    """Every checkout with bf16 starts the run from the same weights (see root.py)."""
+    shipped = root.SHIPPED_ROOTS / root.cache_key(precision="bf16")
+    manifest = load_model_dir(shipped).manifest
+    assert manifest.training is not None
+    assert manifest.training["report"]["steps"] == root.DEFAULT_STEPS
+    assert manifest.architecture.params["base_channels"] == 16
+    assert [p.name for p in root.SHIPPED_ROOTS.iterdir()] == [shipped.name]
+
+
 def test_an_unusable_cached_root_is_rebuilt(tmp_path: Path) -> None:
     tiny = {"subjects": 1, "steps": 1, "slices": 4, "val_subjects": 0}
     key = root.cache_key(**tiny)
