@@ -29,6 +29,9 @@ from tests.dicom_scp.helpers import MemoryIndex
 DAFNE_NODE = str(Path(sys.executable).with_name("dafne-node"))
 LOGGER = logging.getLogger(__name__)
 
+RETRY_PAUSE_S = 2.0
+"""Pause before a send's second attempt; it grows by as much before each later one."""
+
 
 @dataclass(frozen=True)
 class HospitalPlan:
@@ -153,13 +156,23 @@ class Hospital:
     def send(self, files: Sequence[Path], calling_ae: str, *, attempts: int = 3) -> None:
         """C-STORE ``files`` to the node (a modality's series, or a viewer's correction).
 
-        Files that fail are sent again, as a modality or PACS retries, up to ``attempts``
-        times; each retry is logged, since a node should not need them.
+        Files that fail, or all of them when no association is made, are sent again after
+        a pause, as a modality or PACS retries, up to ``attempts`` times; each retry is
+        logged, since a node should not need them. (A driver starved of CPU can be slower
+        than the node's 5 s wait for an association request, and the node then rightly
+        closes the connection.)
         """
         pending = list(files)
         for attempt in range(1, attempts + 1):
-            results = send_files(pending, f"DAFNE@127.0.0.1:{self.dicom_port}",
-                                 calling_ae=calling_ae)
+            if attempt > 1:
+                time.sleep(RETRY_PAUSE_S * (attempt - 1))
+            try:
+                results = send_files(pending, f"DAFNE@127.0.0.1:{self.dicom_port}",
+                                     calling_ae=calling_ae)
+            except AssociationError as exc:
+                LOGGER.warning("%s: no association for %d file(s) (attempt %d): %s",
+                               self.plan.name, len(pending), attempt, exc)
+                continue
             failed = [r for r in results if not r.ok]
             if not failed:
                 return

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import socket
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.improvement import root
+from bench.improvement import hospital, root
+from bench.improvement.hospital import Hospital, HospitalPlan, NodeSettings
 from bench.improvement.radiologist import (
     correct,
     label_permutation,
@@ -22,6 +25,9 @@ from dafne_node.model.manifest import load_model_dir
 from dafne_node.model.train import TrainingExample
 from dafne_node.phantom import make_study
 from dafne_node.phantom.study import write_study
+from dicom_scp.receiver import StorageServer
+from dicom_scp.spool import Spool
+from tests.dicom_scp.helpers import MemoryIndex
 
 MUSCLES = (1, 2, 3, 4, 5, 6)
 
@@ -177,3 +183,32 @@ def test_an_unusable_cached_root_is_rebuilt(tmp_path: Path) -> None:
     built = root.weak_root(tmp_path, **tiny)
     assert built == tmp_path / key
     load_model_dir(built)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_send_that_finds_no_association_is_sent_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver slowed past the node's association timeout must not end the run."""
+    files = write_study(make_study(site="A", seed=3, slices=2, matrix=128), tmp_path / "study")
+    port = _free_port()
+    index = MemoryIndex()
+    node = StorageServer(ae_title="DAFNE", host="127.0.0.1", port=port,
+                         spool=Spool(tmp_path / "node"), index=index)
+    monkeypatch.setattr(hospital, "RETRY_PAUSE_S", 1.5)
+    late = threading.Timer(0.5, node.start)  # nothing listens at the first attempt
+    late.start()
+    sender = Hospital(HospitalPlan("hospital-a", "A"), tmp_path / "hospital", dicom_port=port,
+                      http_port=_free_port(), federation={},
+                      settings=NodeSettings(model_dir=tmp_path, min_new_examples=1, steps=1,
+                                            learning_rate=1e-3))
+    try:
+        sender.send(files.images, "MODALITY")
+    finally:
+        late.join()
+        node.stop()
+    assert len(index.records) == len(files.images)
