@@ -32,7 +32,6 @@ import shlex
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 from bench.improvement.plot import plot_dice  # noqa: E402 - path set up above
 from bench.improvement.root import starting_dice, weak_root  # noqa: E402
-from bench.improvement.run import RunConfig, evaluation_set, run_arm  # noqa: E402
+from bench.improvement.run import RunConfig, evaluation_set, run_arms  # noqa: E402
 from bench.improvement.stats import DiceRecord, fit_slope, per_site_fits, table  # noqa: E402
 from bench.improvement.targets import check_targets  # noqa: E402
 from dafne_node.logs import setup_logging  # noqa: E402
@@ -139,10 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     print("weak root, mean Dice per site: " + ", ".join(f"{s} {d:.3f}" for s, d in
                                                          sorted(start.items())), flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="dafne-improvement-"))
-    with ThreadPoolExecutor(max_workers=len(config.arms) if args.parallel_arms else 1) as pool:
-        results = list(pool.map(
-            lambda arm: run_arm(arm, config, work / arm, root_dir, datasets, progress=print),
-            config.arms))
+    results = run_arms(config, work, root_dir, datasets, parallel=args.parallel_arms,
+                       progress=print)
     records = [record for result in results for record in result.records]
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join([".venv/bin/python", "bench/federated_improvement.py",

@@ -251,10 +251,52 @@ def _last_run_id(status: dict[str, Any]) -> int:
     return int(run.get("job_id") or 0)
 
 
+class ArmStoppedError(RuntimeError):
+    """An arm stopped early because another arm of the run failed."""
+
+
+def run_arms(config: RunConfig, work: Path, root_dir: Path,
+             datasets: dict[str, list[tuple[str, TrainingExample]]], *, parallel: bool,
+             progress: Callable[[str], None] = LOGGER.info,
+             runner: Callable[..., ArmResult] | None = None) -> list[ArmResult]:
+    """Every arm of ``config`` (each in ``work/<arm>``), at once or one after the other.
+
+    The first arm to fail stops the others at their next generation and its error is
+    logged when it happens: arms at once share only the machine, and an arm running on
+    for an hour beside a dead one ends in a run without results. The error raised is the
+    failure itself, not another arm's :class:`ArmStoppedError`. ``runner`` replaces
+    :func:`run_arm` (tests).
+    """
+    stop = threading.Event()
+    run = runner or run_arm
+
+    def one(arm: str) -> ArmResult:
+        try:
+            return run(arm, config, work / arm, root_dir, datasets, progress=progress,
+                       stop=stop)
+        except ArmStoppedError:
+            raise
+        except Exception:
+            LOGGER.exception("%s arm failed; stopping the run", arm)
+            stop.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=len(config.arms) if parallel else 1) as pool:
+        futures = [pool.submit(one, arm) for arm in config.arms]
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, ArmStoppedError)), errors[0])
+    return [f.result() for f in futures]
+
+
 def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
             datasets: dict[str, list[tuple[str, TrainingExample]]],
-            progress: Callable[[str], None] = LOGGER.info) -> ArmResult:
-    """One arm of the run, from the weak root to ``config.generations`` generations."""
+            progress: Callable[[str], None] = LOGGER.info,
+            stop: threading.Event | None = None) -> ArmResult:
+    """One arm of the run, from the weak root to ``config.generations`` generations.
+
+    ``stop``, once set, ends the arm before its next generation (:class:`ArmStoppedError`).
+    """
     started = time.perf_counter()
     result = ArmResult(arm=arm)
     plans = config.plans()
@@ -284,6 +326,9 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
                 hospital.start()
             result.records += score(seed_manifest, server.root(), arm, 0, datasets)
             for round_ in range(1, config.generations + 1):
+                if stop is not None and stop.is_set():
+                    raise ArmStoppedError(f"{arm}: stopped before generation {round_}: another "
+                                     "arm of the run failed")
                 outcome = _generation(arm, config, round_, hospitals, server, work, labels)
                 result.outcomes.append(outcome)
                 result.records += score(seed_manifest, server.root(), arm, round_, datasets)

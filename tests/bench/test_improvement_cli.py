@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 from bench.federated_improvement import build_parser, run_config
-from bench.improvement.run import RunConfig
+from bench.improvement.run import ArmResult, ArmStoppedError, RunConfig, run_arms
 
 
 def train_every(config: RunConfig) -> dict[str, int]:
@@ -23,3 +29,32 @@ def test_the_slow_hospital_is_chosen_by_site() -> None:
     assert (config.steps, config.arms, config.poison) == (30, ("ours", "dafne"), "label-flip")
     # the poisoned hospital trains every generation whichever site is slow
     assert config.plans()[-1].train_every == 1
+
+
+def test_a_failing_arm_stops_the_other_and_its_error_is_the_one_raised(tmp_path: Path) -> None:
+    """Before, the Dafne arm died in generation 1 and ours trained on for an hour, to a run
+    that then ended without results."""
+    finished: list[str] = []
+
+    def runner(arm: str, config: RunConfig, work: Path, root_dir: Path, datasets: Any, *,
+               progress: Any, stop: threading.Event) -> ArmResult:
+        if arm == "dafne":
+            raise RuntimeError("hospital-d: 1 file(s) not stored after 3 attempts")
+        for _ in range(config.generations):  # ours: a generation is 0.1 s here
+            if stop.wait(0.1):
+                raise ArmStoppedError("ours: stopped")
+        finished.append(arm)
+        return ArmResult(arm=arm)
+
+    config = RunConfig(generations=300)
+    with pytest.raises(RuntimeError, match="not stored"):
+        run_arms(config, tmp_path, tmp_path, {}, parallel=True, runner=runner)
+    assert finished == []  # stopped long before its 30 s of generations
+
+
+def test_arms_that_succeed_return_in_order(tmp_path: Path) -> None:
+    def runner(arm: str, *args: Any, **kwargs: Any) -> ArmResult:
+        return ArmResult(arm=arm, seconds=1.0)
+
+    results = run_arms(RunConfig(), tmp_path, tmp_path, {}, parallel=False, runner=runner)
+    assert [r.arm for r in results] == ["ours", "dafne"]
