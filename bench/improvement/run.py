@@ -22,13 +22,14 @@ computed, harmful delta) or uploads scaled noise with its token (``noise``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,29 +325,43 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
         try:
             for hospital in hospitals:
                 hospital.start()
-            result.records += score(seed_manifest, server.root(), arm, 0, datasets)
-            for round_ in range(1, config.generations + 1):
-                if stop is not None and stop.is_set():
-                    raise ArmStoppedError(f"{arm}: stopped before generation {round_}: another "
-                                     "arm of the run failed")
-                outcome = _generation(arm, config, round_, hospitals, server, work, labels)
-                result.outcomes.append(outcome)
-                result.records += score(seed_manifest, server.root(), arm, round_, datasets)
-                mean = float(np.mean([r.dice for r in result.records
-                                      if r.generation == round_]))
-                elapsed = time.perf_counter() - started
-                left = elapsed / round_ * (config.generations - round_)
-                verdict = f"promoted g{outcome.number}" if outcome.promoted else "rejected"
-                refused = f", {len(outcome.refused)} refused" if outcome.refused else ""
-                progress(f"{arm}: generation {round_}/{config.generations}: {verdict} "
-                         f"({outcome.updates} updates{refused}, {outcome.seconds:.0f} s), "
-                         f"mean Dice {mean:.3f}; {elapsed / 60:.0f} min so far, about "
-                         f"{left / 60:.0f} min to go")
+            # A generation's root is scored while the next generation runs (the driver's
+            # scoring held every hospital up for half a minute a generation).
+            with ThreadPoolExecutor(max_workers=1) as scorer:
+                scored = [scorer.submit(score, seed_manifest, server.root(), arm, 0, datasets)]
+                for round_ in range(1, config.generations + 1):
+                    if stop is not None and stop.is_set():
+                        raise ArmStoppedError(f"{arm}: stopped before generation {round_}: "
+                                              "another arm of the run failed")
+                    outcome = _generation(arm, config, round_, hospitals, server, work, labels)
+                    result.outcomes.append(outcome)
+                    scored.append(scorer.submit(score, seed_manifest, server.root(), arm,
+                                                round_, datasets))
+                    scored[-1].add_done_callback(functools.partial(
+                        _report, progress, arm, config, outcome, started))
+            result.records = [record for done in scored for record in done.result()]
         finally:
             for hospital in hospitals:
                 hospital.stop()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _report(progress: Callable[[str], None], arm: str, config: RunConfig,
+            outcome: GenerationOutcome, started: float,
+            scored: Future[list[DiceRecord]]) -> None:
+    """The progress line of a generation, once its root is scored."""
+    if scored.exception() is not None:
+        return  # raised where the arm collects its records
+    mean = float(np.mean([record.dice for record in scored.result()]))
+    elapsed = time.perf_counter() - started
+    left = elapsed / outcome.round * (config.generations - outcome.round)
+    verdict = f"promoted g{outcome.number}" if outcome.promoted else "rejected"
+    refused = f", {len(outcome.refused)} refused" if outcome.refused else ""
+    progress(f"{arm}: generation {outcome.round}/{config.generations}: {verdict} "
+             f"({outcome.updates} updates{refused}, {outcome.seconds:.0f} s), "
+             f"mean Dice {mean:.3f}; {elapsed / 60:.0f} min so far, about "
+             f"{left / 60:.0f} min to go")
 
 
 def _generation(arm: str, config: RunConfig, round_: int, hospitals: list[Hospital],
