@@ -272,6 +272,8 @@ def run_arms(config: RunConfig, work: Path, root_dir: Path,
     run = runner or run_arm
 
     def one(arm: str) -> ArmResult:
+        if stop.is_set():  # one after the other: an arm after a failed one does not start
+            raise ArmStoppedError(f"{arm}: not started: another arm of the run failed")
         try:
             return run(arm, config, work / arm, root_dir, datasets, progress=progress,
                        stop=stop)

@@ -58,3 +58,15 @@ def test_arms_that_succeed_return_in_order(tmp_path: Path) -> None:
 
     results = run_arms(RunConfig(), tmp_path, tmp_path, {}, parallel=False, runner=runner)
     assert [r.arm for r in results] == ["ours", "dafne"]
+
+
+def test_one_after_the_other_an_arm_after_a_failed_one_does_not_start(tmp_path: Path) -> None:
+    started: list[str] = []
+
+    def runner(arm: str, *args: Any, **kwargs: Any) -> ArmResult:
+        started.append(arm)
+        raise RuntimeError(f"{arm}: the node exited")
+
+    with pytest.raises(RuntimeError, match="ours: the node exited"):
+        run_arms(RunConfig(), tmp_path, tmp_path, {}, parallel=False, runner=runner)
+    assert started == ["ours"]
