@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--contrast-fold", type=float, default=defaults.contrast_fold,
                         help="probability that a node folds a training slice's contrast "
                         "(fat-suppression-like; 0: never)")
+    parser.add_argument("--replay-fraction", type=float, default=defaults.replay_fraction,
+                        help="share of a node run's examples replayed from the hospital's "
+                        "earlier corrections (0.75: three earlier ones per new one)")
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--eval-per-site", type=int, default=defaults.eval_per_site)
     parser.add_argument("--eval-slices", type=int, default=defaults.eval_slices)
@@ -113,7 +116,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         hospitals=hospitals, generations=args.generations, studies_per_round=args.studies,
         slices=args.slices, matrix=args.matrix, steps=args.steps, learning_rate=args.lr,
-        server_lr=args.server_lr, contrast_fold=args.contrast_fold, threads=args.threads,
+        server_lr=args.server_lr, contrast_fold=args.contrast_fold,
+        replay_fraction=args.replay_fraction, threads=args.threads,
         eval_per_site=args.eval_per_site, eval_slices=args.eval_slices,
         slice_dice_threshold=args.threshold, max_site_drop=args.max_site_drop,
         arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),

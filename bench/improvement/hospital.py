@@ -55,6 +55,7 @@ class NodeSettings:
     steps: int
     learning_rate: float
     contrast_fold: float = 0.0
+    replay_fraction: float = 0.5
     threads: int = 1
     poll_interval_s: float = 1.0
 
@@ -99,6 +100,7 @@ class Hospital:
             f"[training]\nmin_new_examples = {settings.min_new_examples}\n"
             f"steps = {settings.steps}\nlearning_rate = {settings.learning_rate!r}\n"
             f"contrast_fold = {settings.contrast_fold!r}\n"
+            f"replay_fraction = {settings.replay_fraction!r}\n"
             f"threads = {settings.threads}\ncheck_every_s = 1\n"
             '[[training.windows]]\nname = "always"\ncron = "* * * * *"\nmax_duration_h = 24\n'
             "[federation]\n"

@@ -104,6 +104,9 @@ class RunConfig:
     site C's Dixon water, so site C's updates stop fighting those of A, B and D
     (``bench/federated_round.py``, three rounds: site C's update alone cost site B 0.25-0.34
     without it, at most 0.12 with it)."""
+    replay_fraction: float = 0.5
+    """The nodes' ``[training] replay_fraction`` (the product default): with 0.5 a run
+    trains on as many earlier corrections as new ones; 0.75 on three times as many."""
     threads: int = 1
     eval_per_site: int = 2
     eval_slices: int = 24
@@ -321,6 +324,7 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
             settings=NodeSettings(model_dir=root_dir, min_new_examples=config.studies_per_round,
                                   steps=config.steps, learning_rate=config.learning_rate,
                                   contrast_fold=config.contrast_fold,
+                                  replay_fraction=config.replay_fraction,
                                   threads=config.threads,
                                   poll_interval_s=1.0 if plan.train_every == 1 else 3600.0))
             for i, plan in enumerate(plans)]
