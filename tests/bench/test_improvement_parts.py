@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import threading
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from dafne_node.phantom.study import write_study
 from dicom_scp.receiver import StorageServer
 from dicom_scp.spool import Spool
 from tests.dicom_scp.helpers import MemoryIndex
+from tests.federation.server import free_port
 
 MUSCLES = (1, 2, 3, 4, 5, 6)
 
@@ -185,17 +185,11 @@ def test_an_unusable_cached_root_is_rebuilt(tmp_path: Path) -> None:
     load_model_dir(built)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_a_send_that_finds_no_association_is_sent_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A driver slowed past the node's association timeout must not end the run."""
     files = write_study(make_study(site="A", seed=3, slices=2, matrix=128), tmp_path / "study")
-    port = _free_port()
+    port = free_port()
     index = MemoryIndex()
     node = StorageServer(ae_title="DAFNE", host="127.0.0.1", port=port,
                          spool=Spool(tmp_path / "node"), index=index)
@@ -203,7 +197,7 @@ def test_a_send_that_finds_no_association_is_sent_again(
     late = threading.Timer(0.5, node.start)  # nothing listens at the first attempt
     late.start()
     sender = Hospital(HospitalPlan("hospital-a", "A"), tmp_path / "hospital", dicom_port=port,
-                      http_port=_free_port(), federation={},
+                      http_port=free_port(), federation={},
                       settings=NodeSettings(model_dir=tmp_path, min_new_examples=1, steps=1,
                                             learning_rate=1e-3))
     try:
