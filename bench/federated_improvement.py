@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fat-suppression-like; 0: never)")
     parser.add_argument("--replay-fraction", type=float, default=defaults.replay_fraction,
                         help="share of a node run's examples replayed from the hospital's "
-                        "earlier corrections (0.75: three earlier ones per new one)")
+                        "earlier corrections (0.75: three earlier ones per new one; the "
+                        "product's default is 0.5)")
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--eval-per-site", type=int, default=defaults.eval_per_site)
     parser.add_argument("--eval-slices", type=int, default=defaults.eval_slices)

@@ -24,11 +24,11 @@ def test_defaults_are_the_documented_full_run() -> None:
 def test_the_slow_hospital_is_chosen_by_site() -> None:
     args = build_parser().parse_args(["--slow-site", "D", "--slow-every", "2", "--steps", "30",
                                       "--arms", "ours, dafne", "--poison", "label-flip",
-                                      "--replay-fraction", "0.75"])
+                                      "--replay-fraction", "0.5"])
     config = run_config(args)
     assert train_every(config) == {"A": 1, "B": 1, "C": 1, "D": 2}
     assert (config.steps, config.arms, config.poison) == (30, ("ours", "dafne"), "label-flip")
-    assert config.replay_fraction == 0.75
+    assert config.replay_fraction == 0.5
     # the poisoned hospital trains every generation whichever site is slow
     assert config.plans()[-1].train_every == 1
 
