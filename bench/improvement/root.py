@@ -29,6 +29,7 @@ comparable with a clean run of another day if both started from the same weights
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,7 +40,13 @@ from pathlib import Path
 
 from dafne_node.model.infer import Precision, Segmenter, resolve_precision
 from dafne_node.model.manifest import ModelManifest, load_model_dir
-from dafne_node.model.train import TrainingExample, build_default_model, evaluate
+from dafne_node.model.preprocess import PreprocessConfig
+from dafne_node.model.train import (
+    DEFAULT_PREPROCESSING,
+    TrainingExample,
+    build_default_model,
+    evaluate,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,7 +61,8 @@ DEFAULT_WIDTH = 16
 
 SHIPPED_ROOTS = Path(__file__).with_name("roots")
 """Weak roots committed with the project, one folder per :func:`cache_key`: the defaults,
-trained in bf16 (a CPU without bf16 resolves another key and builds its own)."""
+trained in bf16. A CPU without bf16 starts from the same shipped weights (see
+:func:`weak_root`)."""
 
 _KEY_VERSION = 1
 """Bumped when the build changes in a way the parameters do not show."""
@@ -70,6 +78,7 @@ def build_weak_root(
     seed: int = 0,
     val_subjects: int = 2,
     precision: Precision = "auto",
+    preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
     progress: bool = False,
 ) -> ModelManifest:
     """Train the weak root on ``subjects`` site-A phantoms and save it to ``out_dir``.
@@ -94,6 +103,10 @@ def build_weak_root(
         0 skips that evaluation.
     precision:
         Training precision (see ``build_default_model``).
+    preprocessing:
+        The network's grid; the product's by default. A coarser grid (3 mm, 64 x 128: the
+        same field of view) makes every step of a run, training, segmenting and scoring,
+        about four times cheaper: the test suite's small run uses it.
     progress:
         Show the training progress bar.
 
@@ -109,6 +122,7 @@ def build_weak_root(
         out_dir, train_subjects=subjects, val_subjects=val_subjects, steps=steps,
         slices=slices, seed=seed, eval_sites=("B", "C", "D") if val_subjects else (),
         precision=precision, progress=progress, params={"base_channels": width},
+        preprocessing=preprocessing,
     )
 
 
@@ -121,14 +135,20 @@ def cache_key(
     seed: int = 0,
     val_subjects: int = 2,
     precision: Precision = "auto",
+    preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
 ) -> str:
     """Folder name of the weak root built with these parameters (see :func:`weak_root`).
 
-    A hash of the parameters, with ``precision`` as this CPU resolves it.
+    A hash of the parameters, with ``precision`` as this CPU resolves it. The grid enters
+    the hash only when it is not the product's, so roots on the product's grid (the
+    shipped one among them) keep the names they had before the grid was a parameter.
     """
-    params = {"version": _KEY_VERSION, "subjects": subjects, "steps": steps, "slices": slices,
-              "width": width, "seed": seed, "val_subjects": val_subjects,
-              "precision": resolve_precision(precision)}
+    params: dict[str, object] = {
+        "version": _KEY_VERSION, "subjects": subjects, "steps": steps, "slices": slices,
+        "width": width, "seed": seed, "val_subjects": val_subjects,
+        "precision": resolve_precision(precision)}
+    if preprocessing != DEFAULT_PREPROCESSING:
+        params["preprocessing"] = dataclasses.asdict(preprocessing)
     text = json.dumps(params, sort_keys=True)
     return "weak-root-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -143,15 +163,19 @@ def weak_root(
     seed: int = 0,
     val_subjects: int = 2,
     precision: Precision = "auto",
+    preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
     progress: bool = False,
     shipped_dir: Path = SHIPPED_ROOTS,
 ) -> Path:
     """The weak root's model directory for these parameters, built on first use.
 
     The folder is ``shipped_dir/<cache_key>`` when the project ships that root, else
-    ``cache_dir/<cache_key>``; a cached folder that is there but does not load
-    (``load_model_dir`` refuses it) is built again. The build goes to a temporary folder
-    in ``cache_dir`` that is renamed into place when complete.
+    ``cache_dir/<cache_key>``. With ``precision="auto"`` a root shipped in the other
+    precision counts as shipped: the run's documented results (and a later poisoned run's
+    ``--clean`` comparison) start from those weights, and a CPU without bf16 that built its
+    own root would start somewhere else without saying so. A cached folder that is there
+    but does not load (``load_model_dir`` refuses it) is built again. The build goes to a
+    temporary folder in ``cache_dir`` that is renamed into place when complete.
 
     Parameters are those of :func:`build_weak_root`; ``precision`` enters the key as the
     precision this CPU resolves it to, since bf16 and fp32 training give other weights.
@@ -159,11 +183,18 @@ def weak_root(
     resolved = resolve_precision(precision)
     cache_dir = Path(cache_dir)
     key = cache_key(subjects=subjects, steps=steps, slices=slices, width=width, seed=seed,
-                    val_subjects=val_subjects, precision=resolved)
-    shipped = Path(shipped_dir) / key
-    if shipped.is_dir():
-        load_model_dir(shipped)  # a broken shipped root is a defect of the checkout: say so
-        return shipped
+                    val_subjects=val_subjects, precision=resolved, preprocessing=preprocessing)
+    others = sorted({"bf16", "fp32"} - {resolved}) if precision == "auto" else []
+    for built_in in (resolved, *others):
+        shipped = Path(shipped_dir) / cache_key(
+            subjects=subjects, steps=steps, slices=slices, width=width, seed=seed,
+            val_subjects=val_subjects, precision=built_in, preprocessing=preprocessing)
+        if shipped.is_dir():
+            load_model_dir(shipped)  # a broken shipped root is a defect of the checkout
+            if built_in != resolved:
+                LOGGER.info("starting from the shipped weak root %s, built in %s (this CPU "
+                            "trains in %s)", shipped.name, built_in, resolved)
+            return shipped
     target = cache_dir / key
     if target.is_dir():
         try:
@@ -180,8 +211,8 @@ def weak_root(
     with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=cache_dir) as tmp:
         built = Path(tmp) / "model"
         build_weak_root(built, subjects=subjects, steps=steps, slices=slices, width=width,
-                        seed=seed,
-                        val_subjects=val_subjects, precision=resolved, progress=progress)
+                        seed=seed, val_subjects=val_subjects, precision=resolved,
+                        preprocessing=preprocessing, progress=progress)
         try:
             built.rename(target)
         except OSError:

@@ -21,7 +21,8 @@ from bench.improvement.radiologist import (
     write_correction,
 )
 from dafne_node.model.manifest import load_model_dir
-from dafne_node.model.train import TrainingExample
+from dafne_node.model.preprocess import PreprocessConfig
+from dafne_node.model.train import DEFAULT_PREPROCESSING, TrainingExample
 from dafne_node.phantom import make_study
 from dafne_node.phantom.study import write_study
 from dicom_scp.receiver import StorageServer
@@ -163,6 +164,38 @@ def test_a_shipped_root_is_used_as_is(tmp_path: Path, monkeypatch: pytest.Monkey
     cache = tmp_path / "cache"
     assert root.weak_root(cache, shipped_dir=shipped, **tiny) == shipped / built.name
     assert not cache.exists()  # nothing cached beside it
+
+
+def test_a_cpu_without_bf16_starts_from_the_root_shipped_in_bf16(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented run and its ``--clean`` comparisons start from one root on any CPU."""
+    tiny = {"subjects": 1, "steps": 2, "slices": 4, "val_subjects": 0}
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    # built in fp32 (emulated bf16 takes minutes) and shipped under the bf16 key: only the
+    # key decides which root a run starts from
+    built = root.weak_root(tmp_path / "elsewhere", precision="fp32", **tiny)
+    built.rename(shipped / root.cache_key(precision="bf16", **tiny))
+    monkeypatch.setattr(root, "resolve_precision",
+                        lambda p: "fp32" if p == "auto" else p)
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a root was built beside the shipped one")
+
+    monkeypatch.setattr(root, "build_weak_root", no_build)
+    assert root.weak_root(tmp_path / "cache", shipped_dir=shipped, **tiny) == \
+        shipped / root.cache_key(precision="bf16", **tiny)
+    with pytest.raises(AssertionError, match="beside the shipped one"):  # fp32 asked for
+        root.weak_root(tmp_path / "cache", shipped_dir=shipped, precision="fp32", **tiny)
+
+
+def test_a_root_on_a_coarser_grid_is_another_root_and_says_so(tmp_path: Path) -> None:
+    coarse = PreprocessConfig(target_spacing_mm=3.0, input_shape=(64, 128))
+    assert root.cache_key(preprocessing=coarse) != root.cache_key()
+    assert root.cache_key(preprocessing=DEFAULT_PREPROCESSING) == root.cache_key()
+    built = root.weak_root(tmp_path, subjects=1, steps=1, slices=4, val_subjects=0,
+                           preprocessing=coarse)
+    assert load_model_dir(built).manifest.preprocessing.to_config() == coarse
 
 
 def test_the_project_ships_the_default_weak_root() -> None:
