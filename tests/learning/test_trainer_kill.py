@@ -21,10 +21,13 @@ from dafne_node.model.checkpoint import CHECKPOINT_FILE
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState
 from tests.node.conftest import Node
 
+# 12 steps: the kill comes right after the first checkpoint (step 2) on any machine, and the
+# resumed run (the product's network, one thread: about 7 s a step on a CPU without bf16)
+# ends well within its wait; 40 steps did not on such a CPU
 TRAINER_TOML = """
 [training]
 min_new_examples = 2
-steps = 40
+steps = 12
 threads = 1
 checkpoint_every_steps = 2
 check_every_s = 0.5

@@ -74,12 +74,14 @@ def test_failed_delivery_backs_off_fails_visibly_and_is_retried_by_command(
     pacs = FlakyPacs()
     sender = OutboxSender(sessions, config, "test-worker", send=pacs)
 
+    before = utcnow()  # clock reads, not elapsed time: a busy machine may take seconds here
     assert sender.run_once() == 1
     item, job = item_and_job(sessions)
     assert (item.state, item.attempts) == (OutboxState.PENDING, 1)
     assert "connection refused" in (item.last_error or "")
-    assert item.next_attempt_at > utcnow() + timedelta(seconds=1)
-    assert sender.run_once() == 0, "not due yet: the back-off must be respected"
+    assert item.next_attempt_at >= before + timedelta(seconds=2)  # backoff_initial_s
+    assert sender.run_once(now=before + timedelta(seconds=1)) == 0, \
+        "not due yet: the back-off must be respected"
 
     later = utcnow()
     for _ in range(MAX_ATTEMPTS - 1):
