@@ -11,10 +11,10 @@ pushed after it gets a SEG that names the local model. Finally the local model's
 held-out site-C phantoms (never corrected, never trained on) must have risen from the base
 model's 0.03 to at least 0.7. Why 0.7: the benchmark (docs/benchmarks.md) reaches 0.94
 after 50 steps on 10 corrections; with 4 corrections and 40 steps this leaves room for the
-spread between machines, while a model that did not learn stays near 0.03. The trainer gets
-both cores: on a CPU without bf16 a step of one thread takes about 7 s, and 60 such steps
-alone took 7 of the suite's 10 minutes per test (the trainer still gives way to a segment
-job between steps, which the latency check holds it to).
+spread between machines, while a model that did not learn stays near 0.03. On a CPU without
+bf16 a step takes 6.8 s on one thread and 6.0 s on two: 60 steps on one took 7 of the
+suite's 10 minutes per test, 40 on two take 4 (the trainer still gives way to a segment job
+between steps, which the latency check holds it to).
 
 This module is also its driver, run inside a fresh network namespace by ``run_in_netns``.
 """
