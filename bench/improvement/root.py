@@ -37,6 +37,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from dafne_node.model.infer import Precision, Segmenter, resolve_precision
 from dafne_node.model.manifest import ModelManifest, load_model_dir
@@ -182,13 +183,14 @@ def weak_root(
     """
     resolved = resolve_precision(precision)
     cache_dir = Path(cache_dir)
-    key = cache_key(subjects=subjects, steps=steps, slices=slices, width=width, seed=seed,
-                    val_subjects=val_subjects, precision=resolved, preprocessing=preprocessing)
+    build: dict[str, Any] = {
+        "subjects": subjects, "steps": steps, "slices": slices, "width": width, "seed": seed,
+        "val_subjects": val_subjects, "preprocessing": preprocessing}
+    key = cache_key(**build, precision=resolved)
     others = sorted({"bf16", "fp32"} - {resolved}) if precision == "auto" else []
     for built_in in (resolved, *others):
-        shipped = Path(shipped_dir) / cache_key(
-            subjects=subjects, steps=steps, slices=slices, width=width, seed=seed,
-            val_subjects=val_subjects, precision=built_in, preprocessing=preprocessing)
+        shipped = Path(shipped_dir) / (key if built_in == resolved
+                                       else cache_key(**build, precision=built_in))
         if shipped.is_dir():
             load_model_dir(shipped)  # a broken shipped root is a defect of the checkout
             if built_in != resolved:
@@ -210,9 +212,7 @@ def weak_root(
                 "seed %d, %s", target.name, subjects, steps, slices, width, seed, resolved)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=cache_dir) as tmp:
         built = Path(tmp) / "model"
-        build_weak_root(built, subjects=subjects, steps=steps, slices=slices, width=width,
-                        seed=seed, val_subjects=val_subjects, precision=resolved,
-                        preprocessing=preprocessing, progress=progress)
+        build_weak_root(built, **build, precision=resolved, progress=progress)
         try:
             built.rename(target)
         except OSError:
