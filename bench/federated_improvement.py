@@ -46,6 +46,20 @@ from bench.improvement.targets import check_targets  # noqa: E402
 from dafne_node.logs import setup_logging  # noqa: E402
 
 
+def _factors(text: str) -> tuple[int, ...]:
+    """``2,3`` -> (2, 3); ``''`` or ``off`` -> (); argparse reports a bad value."""
+    if text.strip().lower() in ("", "off"):
+        return ()
+    try:
+        factors = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}"
+                                         ) from None
+    if any(factor < 2 for factor in factors):
+        raise argparse.ArgumentTypeError(f"every factor must be at least 2, got {text!r}")
+    return factors
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = RunConfig()
     parser = argparse.ArgumentParser(
@@ -76,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-slices", type=int, default=defaults.eval_slices)
     parser.add_argument("--max-site-drop", type=float, default=defaults.max_site_drop,
                         help="the gate's per-site allowance in our arm")
+    parser.add_argument("--lift-weakest-site", type=_factors, default="off",
+                        metavar="FACTORS",
+                        help="our arm: after screening, count the update that helps the lowest "
+                             "validation site this many times, trying each factor (e.g. 2,3; "
+                             "'' or 'off': never)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="the radiologist corrects only slices below this Dice")
     slow = next(plan for plan in defaults.hospitals if plan.train_every > 1)
@@ -121,6 +140,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         replay_fraction=args.replay_fraction, threads=args.threads,
         eval_per_site=args.eval_per_site, eval_slices=args.eval_slices,
         slice_dice_threshold=args.threshold, max_site_drop=args.max_site_drop,
+        lift_weakest_site=args.lift_weakest_site,
         arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
         poison=args.poison, seed=args.seed, base_port=args.base_port)
 

@@ -109,6 +109,12 @@ class GateSection(Section):
     """Leave out of a candidate each update whose presence lowers its validation Dice by more
     than ``max_influence_drop`` (:mod:`federation.screening`; FedBuff models only)."""
     max_influence_drop: float = Field(default=0.005, ge=0, le=1)
+    lift_weakest_site: list[Annotated[int, Field(ge=2, le=10)]] = Field(default_factory=list)
+    """After screening, count the update that helps the lowest-scoring validation site this
+    many times, trying each factor (:mod:`federation.fairness`; needs ``screen_updates``).
+    Empty (default): off."""
+    lift_max_mean_cost: float = Field(default=0.005, ge=0, le=1)
+    """Mean validation Dice a lift may cost against the plain candidate."""
     step_fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
         default_factory=lambda: [0.5, 0.25])
     """A rejected FedBuff candidate is tried again at these fractions of its step, in order;

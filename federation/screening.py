@@ -40,7 +40,7 @@ from torch import Tensor
 from federation.gate import Scores
 from federation.strategies.base import AggregationResult, BufferedUpdate
 
-__all__ = ["Influence", "Screening", "screen"]
+__all__ = ["Influence", "Screening", "leave_one_out", "screen"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -84,6 +84,28 @@ class Screening:
     influences: list[Influence] = field(default_factory=list)
 
 
+def leave_one_out(
+    updates: Sequence[BufferedUpdate],
+    scores: Scores,
+    *,
+    build: Callable[[Sequence[BufferedUpdate]], AggregationResult],
+    score: Callable[[Mapping[str, Tensor]], Scores],
+) -> list[Influence]:
+    """Each update's influence on the candidate of all ``updates`` (scored ``scores``).
+
+    The candidate is built again without each update in turn: one scoring per update.
+    """
+    influences = []
+    for update in updates:
+        without = score(build([u for u in updates if u is not update]).state)
+        influence = Influence(update.update_id, scores, without)
+        influences.append(influence)
+        LOGGER.info("update %s: candidate mean Dice %.4f with it, %.4f without it; best site "
+                    "gain %+.4f", update.update_id, scores.mean, without.mean,
+                    influence.best_site_gain)
+    return influences
+
+
 def screen(
     updates: Sequence[BufferedUpdate],
     *,
@@ -112,14 +134,7 @@ def screen(
     scores = score(candidate.state)
     if max_influence_drop is None or len(updates) < 2:
         return Screening(kept=list(updates), candidate=candidate, scores=scores)
-    influences = []
-    for update in updates:
-        without = score(build([u for u in updates if u is not update]).state)
-        influence = Influence(update.update_id, scores, without)
-        influences.append(influence)
-        LOGGER.info("update %s: candidate mean Dice %.4f with it, %.4f without it; best site "
-                    "gain %+.4f", update.update_id, scores.mean, without.mean,
-                    influence.best_site_gain)
+    influences = leave_one_out(updates, scores, build=build, score=score)
     harmful = {i.update_id: i for i in influences if i.helps_nobody(max_influence_drop)}
     if not harmful or len(harmful) == len(updates):
         if harmful:

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -45,6 +45,7 @@ from db import federation as repo
 from db.fed_models import FedGeneration, FedUpdate, GenerationState
 from federation.backtrack import backtrack
 from federation.config import FederationConfig
+from federation.fairness import lift_weakest_site
 from federation.gate import Gate, GateDecision, Scores, make_gate, score_state
 from federation.lineage import Lineage, UpdateRecord, resolve_lineage
 from federation.registry import (
@@ -55,7 +56,7 @@ from federation.registry import (
 )
 from federation.screening import screen
 from federation.storage import ArtifactStore
-from federation.strategies import BufferedUpdate, Strategy, make_strategy
+from federation.strategies import AggregationResult, BufferedUpdate, Strategy, make_strategy
 from federation.validation import ValidationCase
 
 __all__ = ["AggregationOutcome", "Aggregator", "make_gate_for", "make_strategy_for"]
@@ -234,13 +235,24 @@ class Aggregator:
         if not updates:
             return None
         bases: dict[int, Mapping[str, torch.Tensor]] = {current_number: state}
-        screening = screen(
-            updates,
-            build=lambda chosen: strategy.aggregate(
-                state, current_number, chosen, lambda n: self._base_weights(model_name, n, bases)),
-            score=lambda weights: self._score_holding_lease(model_name, seed, weights),
-            max_influence_drop=self._config.gate.max_influence_drop
-            if self._screens(model_strategy) else None)
+
+        def build(chosen: Sequence[BufferedUpdate]) -> AggregationResult:
+            return strategy.aggregate(state, current_number, chosen,
+                                      lambda n: self._base_weights(model_name, n, bases))
+
+        def score(weights: Mapping[str, torch.Tensor]) -> Scores:
+            return self._score_holding_lease(model_name, seed, weights)
+
+        screens = self._screens(model_strategy)
+        screening = screen(updates, build=build, score=score,
+                           max_influence_drop=self._config.gate.max_influence_drop
+                           if screens else None)
+        lift = None
+        if screens and self._config.gate.lift_weakest_site:
+            screening, lift = lift_weakest_site(
+                screening, build=build, score=score,
+                factors=self._config.gate.lift_weakest_site,
+                max_mean_cost=self._config.gate.lift_max_mean_cost)
         result, scores, updates = screening.candidate, screening.scores, screening.kept
         weights = result.state
         decision = gate.decide(current_scores, scores)
@@ -248,12 +260,15 @@ class Aggregator:
             shorter = backtrack(
                 state, weights, current_scores=current_scores, gate=gate,
                 fractions=self._config.gate.step_fractions,
-                score=lambda w: self._score_holding_lease(model_name, seed, w))
+                score=score)
             if shorter is not None:
                 weights, scores = shorter.state, shorter.scores
                 decision = GateDecision(promote=True, reason=(
                     f"at {shorter.fraction:g} of the aggregated step: "
                     f"{shorter.decision.reason} (the full step: {decision.reason})"))
+        if lift is not None:
+            decision = GateDecision(promote=decision.promote,
+                                    reason=f"{decision.reason}; {lift.describe()}")
         stored = store_weights(self._store, f"models/{model_name}/candidates/"
                                             f"{uuid.uuid4().hex}.safetensors", weights)
         ids = [u.update_id for u in updates]

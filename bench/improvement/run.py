@@ -117,6 +117,10 @@ class RunConfig:
     max_site_drop: float = 0.15
     """The relative gate's per-site allowance (product default 0.03): learning site C's
     contrast costs the other sites up to about 0.11 at first (see docs/federated-improvement.md)."""
+    lift_weakest_site: tuple[int, ...] = ()
+    """Our arm's ``[gate] lift_weakest_site`` factors (product default: off): after
+    screening, count the update that helps the lowest validation site more
+    (:mod:`federation.fairness`)."""
     slice_dice_threshold: float | None = None
     arms: tuple[str, ...] = ("ours", "dafne")
     poison: str | None = None
@@ -315,7 +319,8 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
         setup = set_up(work / "server", nodes=tuple(p.name for p in plans),
                        strategy=ARMS[arm], model_dir=root_dir, validation_sites="A,B,C,D",
                        validation_per_site=1, validation_slices=config.gate_slices,
-                       sections={"gate": {"max_site_drop": config.max_site_drop},
+                       sections={"gate": {"max_site_drop": config.max_site_drop,
+                                          "lift_weakest_site": list(config.lift_weakest_site)},
                                  "aggregation": {"server_lr": config.server_lr}})
     offset = config.base_port + 20 * list(ARMS).index(arm)
     with start_api(setup) as url:

@@ -33,6 +33,22 @@ def test_the_slow_hospital_is_chosen_by_site() -> None:
     assert config.plans()[-1].train_every == 1
 
 
+def test_lifting_the_weakest_site_takes_factors_or_off() -> None:
+    assert run_config(build_parser().parse_args(["--lift-weakest-site", "2,3"])
+                      ).lift_weakest_site == (2, 3)
+    assert run_config(build_parser().parse_args(["--lift-weakest-site", "off"])
+                      ).lift_weakest_site == ()
+
+
+@pytest.mark.parametrize("value", ["1,2", "two", "2;3"])
+def test_a_factor_that_makes_no_sense_is_refused_by_the_parser(
+        value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--lift-weakest-site", value])
+    assert exit_info.value.code == 2
+    assert "--lift-weakest-site" in capsys.readouterr().err
+
+
 def test_a_failing_arm_stops_the_other_and_its_error_is_the_one_raised(tmp_path: Path) -> None:
     """Before, the Dafne arm died in generation 1 and ours trained on for an hour, to a run
     that then ended without results."""

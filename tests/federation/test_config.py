@@ -42,6 +42,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
     ("[server]\ntls_cert = 'a.pem'\n", "server"),
     ("[gate]\nmax_mean_drop = -1\n", "gate.max_mean_drop"),
     ("[gate]\nstep_fractions = [0.5, 1.5]\n", "gate.step_fractions.1"),
+    ("[gate]\nlift_weakest_site = [2, 1]\n", "gate.lift_weakest_site.1"),
     ("[server]\nprot = 1\n", "server.prot"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:

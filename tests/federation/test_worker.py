@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 
 import federation.worker as worker_module
-from dafne_node.learning.update import decode_update
+from dafne_node.learning.update import Encoding, decode_update
 from dafne_node.model.manifest import ModelManifest
 from dafne_node.model.signature import parse_public_key, verify_signature
 from db import federation as repo
@@ -41,10 +41,12 @@ def base() -> BaseModel:
 
 
 def _setup(tmp_path: Path, strategy: str | None = None, *, screen_updates: bool = True,
-           step_fractions: tuple[float, ...] = (), **aggregation: object) -> FederationSetup:
+           step_fractions: tuple[float, ...] = (), lift_weakest_site: tuple[int, ...] = (),
+           **aggregation: object) -> FederationSetup:
     sections = {"aggregation": {"buffer_size": 2, "flush_interval_s": 600.0, **aggregation},
                 "gate": {"screen_updates": screen_updates,
-                         "step_fractions": list(step_fractions)}}
+                         "step_fractions": list(step_fractions),
+                         "lift_weakest_site": list(lift_weakest_site)}}
     return set_up(tmp_path, sections=sections, nodes=("hospital-a", "hospital-b", "hospital-c"),
                   strategy=strategy)
 
@@ -350,3 +352,44 @@ def test_a_worker_that_loses_its_lease_while_screening_drops_its_candidate(
                for i in ids)
     (outcome,) = second.tick()
     assert outcome.promoted and set(outcome.update_ids) == set(ids)
+
+
+def _head_shift(base: BaseModel, shift: float) -> dict[str, torch.Tensor]:
+    """A delta that moves every weight of the classifier by ``shift`` and nothing else."""
+    delta = {k: torch.zeros_like(v, dtype=torch.float16) for k, v in base.state.items()}
+    delta[HEAD] = torch.full_like(base.state[HEAD], shift, dtype=torch.float16)
+    return delta
+
+
+def test_the_update_that_helps_the_weakest_site_counts_more_and_the_generation_says_so(
+        tmp_path: Path, base: BaseModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A validation set whose Dice is known from the classifier's mean shift x: site A is
+    # best at x = 0.01, site C at x = -0.01. Two site-A hospitals push towards A, one
+    # site-C hospital towards C; the plain candidate leaves site C lowest.
+    setup = _setup(tmp_path, lift_weakest_site=(2, 3), buffer_size=3)
+    origin = float(base.state[HEAD].mean())
+
+    def toy_scores(seed: object, weights: dict[str, torch.Tensor], *args: object,
+                   **kwargs: object) -> Scores:
+        x = (float(weights[HEAD].float().mean()) - origin) * 100
+        a, c = 1 - abs(x - 1) / 3, 1 - abs(x + 1) / 2
+        return Scores(mean=(a + c) / 2, sites={"A": a, "C": c})
+
+    monkeypatch.setattr(worker_module, "score_state", toy_scores)
+    with TestClient(create_app(setup.config)) as client:
+        ids = [_push(client, setup, node, make_update(base, _head_shift(base, shift),
+                                                      encoding=Encoding.FP16), node)
+               for node, shift in (("hospital-a", 0.01), ("hospital-b", 0.01),
+                                   ("hospital-c", -0.006))]
+        (outcome,) = _aggregator(setup, Clock()).tick()
+        assert outcome.promoted and set(outcome.update_ids) == set(ids)
+        assert f"update {ids[2]} counted 3x for the weakest site C (site C 0.267 -> " \
+            in outcome.reason
+        admin = {"Authorization": f"Bearer {setup.admin_token}"}
+        history = client.get("/v1/models/leg/generations", headers=admin).json()
+        assert "counted 3x for the weakest site C" in history[-1]["reason"]
+        new = _generation_state(client, setup, 2)
+    # FedBuff at server lr 1: site C's update counts 3 of 5 shares.
+    shift = float((new[HEAD].float() - base.state[HEAD].float()).mean())
+    assert shift == pytest.approx((2 * 0.01 - 3 * 0.006) / 5, abs=1e-5)
+    assert history[-1]["validation"]["sites"]["C"] > 0.267
