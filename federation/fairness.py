@@ -120,6 +120,7 @@ def lift_weakest_site(
         screening.kept, screening.scores, build=build, score=score)
     helper = _best_helper(influences, site)
     if helper is None:
+        LOGGER.info("no update raises the weakest site %s: nothing to lift", site)
         return screening, None
     best: tuple[Scores, AggregationResult, int] | None = None
     for factor in factors:
@@ -134,6 +135,8 @@ def lift_weakest_site(
         if affordable and _lowest(scores) > _lowest(best[0] if best else screening.scores):
             best = (scores, candidate, factor)
     if best is None:
+        LOGGER.info("the plain candidate stands: counting update %s more did not raise the "
+                    "lowest site within %.4f of the mean", helper, max_mean_cost)
         return screening, None
     scores, candidate, factor = best
     lift = Lift(update_id=helper, site=site, factor=factor, plain=screening.scores,

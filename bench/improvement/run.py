@@ -216,10 +216,16 @@ class _Server:
 
     def aggregate(self) -> tuple[dict[str, Any] | None, list[str]]:
         """``dafne-federation worker --once``: the newest candidate it recorded, if any, and
-        the updates it refused (``node: reason``)."""
+        the updates it refused (``node: reason``).
+
+        The worker's log (screening, lifts tried, the gate) is appended to ``worker.log``
+        beside the server's configuration.
+        """
         before, refused_before = self._history(), self.refused()
-        subprocess.run([_federation_cli(), "worker", "--once", "--config",
-                        str(self.setup.config_path)], check=True, capture_output=True)
+        with (self.setup.config_path.parent / "worker.log").open("a") as log:
+            subprocess.run([_federation_cli(), "--log-level", "info", "worker", "--once",
+                            "--config", str(self.setup.config_path)],
+                           check=True, stdout=log, stderr=subprocess.STDOUT)
         after = self._history()
         refused = [why for uid, why in self.refused().items() if uid not in refused_before]
         return (after[-1] if len(after) > len(before) else None), refused

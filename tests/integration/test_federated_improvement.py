@@ -8,7 +8,8 @@ trained on one site-A subject with half the product's network width on a grid of
 (64 x 128, the product's field of view): each step of the run, training, segmenting and
 scoring, costs about a twelfth of the product model's, so the run fits the suite on CPUs
 without bf16 too. It asserts what the full run measures: mean validation Dice
-on subjects no hospital saw rises, through promoted generations.
+on subjects no hospital saw rises, through promoted generations (with the server lifting
+the weakest site, so that the option is exercised through a real worker process).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def test_validation_dice_rises_over_generations(tmp_path: Path) -> None:
         generations=2, studies_per_round=2, slices=8, matrix=128, steps=16,
         # a root of 80 steps is barely trained: the from-scratch rate moves it fastest
         learning_rate=2e-3, server_lr=1.0,
-        eval_per_site=1, eval_slices=8, gate_slices=8, arms=("ours",), base_port=12300)
+        eval_per_site=1, eval_slices=8, gate_slices=8, arms=("ours",), base_port=12300,
+        lift_weakest_site=(2,))
     root = weak_root(tmp_path / "cache", subjects=1, steps=80, width=8,
                      val_subjects=0, preprocessing=COARSE_GRID)
     result = run_arm("ours", config, tmp_path / "ours", root, evaluation_set(config))
@@ -46,3 +48,7 @@ def test_validation_dice_rises_over_generations(tmp_path: Path) -> None:
     first = result.outcomes[0]
     assert first.updates + len(first.refused) == 4  # every hospital trained and uploaded
     assert mean(2) > mean(0) + 0.01, [(g, mean(g)) for g in range(3)]
+    # The run keeps the worker's log, and the worker process took the lift from its config.
+    worker_log = (tmp_path / "ours" / "server" / "worker.log").read_text()
+    assert "model leg: candidate" in worker_log
+    assert "counted 2x for site" in worker_log or "nothing to lift" in worker_log
