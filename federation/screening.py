@@ -58,13 +58,15 @@ class Influence:
         """Mean Dice with the update minus without it (NaN if either is NaN)."""
         return self.with_update.mean - self.without_update.mean
 
+    def site_gain(self, site: str) -> float:
+        """Site ``site``'s Dice with the update minus without it (NaN if either is missing)."""
+        return (self.with_update.sites.get(site, math.nan)
+                - self.without_update.sites.get(site, math.nan))
+
     @property
     def best_site_gain(self) -> float:
         """The largest rise of a site's Dice that the update brings (NaN if none scored)."""
-        gains = [value - self.without_update.sites[site]
-                 for site, value in self.with_update.sites.items()
-                 if site in self.without_update.sites]
-        finite = [g for g in gains if math.isfinite(g)]
+        finite = [g for g in map(self.site_gain, self.with_update.sites) if math.isfinite(g)]
         return max(finite) if finite else math.nan
 
     def helps_nobody(self, allowance: float) -> bool:
