@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="our arm: after screening, count the update that helps the lowest "
                              "validation site this many times, trying each factor (e.g. 2,3; "
                              "'' or 'off': never)")
+    parser.add_argument("--lift-max-mean-cost", type=float, default=defaults.lift_max_mean_cost,
+                        help="our arm: how much mean validation Dice a lift may cost")
     parser.add_argument("--threshold", type=float, default=None,
                         help="the radiologist corrects only slices below this Dice")
     slow = next(plan for plan in defaults.hospitals if plan.train_every > 1)
@@ -140,7 +142,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         replay_fraction=args.replay_fraction, threads=args.threads,
         eval_per_site=args.eval_per_site, eval_slices=args.eval_slices,
         slice_dice_threshold=args.threshold, max_site_drop=args.max_site_drop,
-        lift_weakest_site=args.lift_weakest_site,
+        lift_weakest_site=args.lift_weakest_site, lift_max_mean_cost=args.lift_max_mean_cost,
         arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
         poison=args.poison, seed=args.seed, base_port=args.base_port)
 

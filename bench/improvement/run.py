@@ -121,6 +121,9 @@ class RunConfig:
     """Our arm's ``[gate] lift_weakest_site`` factors (product default: off): after
     screening, count the update that helps the lowest validation site more
     (:mod:`federation.fairness`)."""
+    lift_max_mean_cost: float = 0.005
+    """Our arm's ``[gate] lift_max_mean_cost`` (the product's default): how much mean
+    validation Dice a lift may cost."""
     slice_dice_threshold: float | None = None
     arms: tuple[str, ...] = ("ours", "dafne")
     poison: str | None = None
@@ -326,7 +329,8 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
                        strategy=ARMS[arm], model_dir=root_dir, validation_sites="A,B,C,D",
                        validation_per_site=1, validation_slices=config.gate_slices,
                        sections={"gate": {"max_site_drop": config.max_site_drop,
-                                          "lift_weakest_site": list(config.lift_weakest_site)},
+                                          "lift_weakest_site": list(config.lift_weakest_site),
+                                          "lift_max_mean_cost": config.lift_max_mean_cost},
                                  "aggregation": {"server_lr": config.server_lr}})
     offset = config.base_port + 20 * list(ARMS).index(arm)
     with start_api(setup) as url:

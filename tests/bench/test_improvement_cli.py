@@ -38,6 +38,8 @@ def test_lifting_the_weakest_site_takes_factors_or_off() -> None:
                       ).lift_weakest_site == (2, 3)
     assert run_config(build_parser().parse_args(["--lift-weakest-site", "off"])
                       ).lift_weakest_site == ()
+    config = run_config(build_parser().parse_args(["--lift-max-mean-cost", "0.01"]))
+    assert config.lift_max_mean_cost == 0.01
 
 
 @pytest.mark.parametrize("value", ["1,2", "two", "2;3"])
