@@ -81,6 +81,9 @@ class Hospital:
         self._pacs = StorageServer(ae_title="PACS", host="127.0.0.1", port=0,
                                    spool=Spool(folder / "pacs"), index=self._index)
         self._node: subprocess.Popen[bytes] | None = None
+        self._http = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10)
+        """One client for every status poll: each ``httpx.get`` builds a TLS context (even
+        for plain HTTP), which cost the driver a sixth of its CPU at two polls a second."""
         self.log = folder / "node.log"
 
     def start(self) -> None:
@@ -119,6 +122,7 @@ class Hospital:
         """SIGTERM the node (it finishes what it holds), then stop the PACS."""
         self._stop_node()
         self._pacs.stop()
+        self._http.close()
 
     def restart_node(self) -> None:
         """Stop and start the node (it polls the federation at start)."""
@@ -206,7 +210,7 @@ class Hospital:
     def status(self) -> dict[str, Any]:
         """The node's ``/status`` (empty while it does not answer)."""
         try:
-            return httpx.get(f"http://127.0.0.1:{self.http_port}/status", timeout=10).json()
+            return self._http.get("/status").json()
         except (httpx.TransportError, ValueError):
             return {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 from collections.abc import Iterator
@@ -174,3 +175,19 @@ def test_many_instances_in_one_association(scp: ServerFactory, mr_files: list[Pa
             assert int(assoc.send_c_echo().Status) == 0
             assert int(assoc.send_c_store(ds).Status) == 0
     assert set(index.records) == {ds.SOPInstanceUID for ds in datasets}
+
+
+def test_the_accept_loop_never_forces_a_full_collection(
+    scp: ServerFactory, mr_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom's loop runs ``gc.collect()`` every 60 polls (12 s here): a GIL-holding heap
+    walk that would stall every association; the receiver's loop leaves it to Python."""
+    collections: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda *generation: collections.append(1) or 0)
+    server = scp()
+    assert server._server is not None
+    for _ in range(3 * 60):
+        server._server.service_actions()
+    with associate(server.port, [build_context(MRImageStorage)]) as assoc:
+        assert assoc.send_c_store(dcmread(mr_files[0])).Status == 0x0000
+    assert collections == []
