@@ -69,8 +69,8 @@ class StorageAssociationServer(ThreadedAssociationServer):
         pynetdicom's server runs a full ``gc.collect()`` every 60 polls (every 12 s at the
         receiver's 0.2 s poll) so that finished association threads are freed sooner. A full
         collection walks the whole heap holding the GIL, which stalls every association
-        and everything else in the process meanwhile (in a process with a large heap, such
-        as the improvement run's driver with eight PACS, it took a third of a core).
+        and everything else in the process meanwhile (0.3-0.4 s for a node-sized heap; in
+        the improvement run's driver, with four receivers as PACS, a fifth of a core).
         Python's generational collector frees those threads anyway, and
         ``ae.active_associations`` lists live threads only.
         """
