@@ -147,7 +147,7 @@ def lift_weakest_site(
 
 def _best_helper(influences: Sequence[Influence], site: str) -> str | None:
     """The update whose presence raises ``site`` most, if any raises it at all."""
-    gains = [(influence.site_gain(site), influence.update_id) for influence in influences]
-    positive = sorted((gain, update_id) for gain, update_id in gains
-                      if math.isfinite(gain) and gain > 0)
-    return positive[-1][1] if positive else None
+    gains = ((influence.site_gain(site), influence.update_id) for influence in influences)
+    best = max(((gain, update_id) for gain, update_id in gains
+                if math.isfinite(gain) and gain > 0), default=None)
+    return best[1] if best else None
