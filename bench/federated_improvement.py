@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "earlier corrections (0.75: three earlier ones per new one; the "
                         "product's default is 0.5)")
     parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="train the nodes uncompiled (default: [training] compile = true "
+                        "on CPUs that train in bf16)")
     parser.add_argument("--eval-per-site", type=int, default=defaults.eval_per_site)
     parser.add_argument("--eval-slices", type=int, default=defaults.eval_slices)
     parser.add_argument("--max-site-drop", type=float, default=defaults.max_site_drop,
@@ -139,7 +142,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         hospitals=hospitals, generations=args.generations, studies_per_round=args.studies,
         slices=args.slices, matrix=args.matrix, steps=args.steps, learning_rate=args.lr,
         server_lr=args.server_lr, contrast_fold=args.contrast_fold,
-        replay_fraction=args.replay_fraction, threads=args.threads,
+        replay_fraction=args.replay_fraction, threads=args.threads, compile=args.compile,
         eval_per_site=args.eval_per_site, eval_slices=args.eval_slices,
         slice_dice_threshold=args.threshold, max_site_drop=args.max_site_drop,
         lift_weakest_site=args.lift_weakest_site, lift_max_mean_cost=args.lift_max_mean_cost,

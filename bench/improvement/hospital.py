@@ -57,6 +57,7 @@ class NodeSettings:
     contrast_fold: float = 0.0
     replay_fraction: float = 0.5
     threads: int = 1
+    compile: bool = False
     poll_interval_s: float = 1.0
 
 
@@ -104,7 +105,8 @@ class Hospital:
             f"steps = {settings.steps}\nlearning_rate = {settings.learning_rate!r}\n"
             f"contrast_fold = {settings.contrast_fold!r}\n"
             f"replay_fraction = {settings.replay_fraction!r}\n"
-            f"threads = {settings.threads}\ncheck_every_s = 1\n"
+            f"threads = {settings.threads}\ncompile = {str(settings.compile).lower()}\n"
+            "check_every_s = 1\n"
             '[[training.windows]]\nname = "always"\ncron = "* * * * *"\nmax_duration_h = 24\n'
             "[federation]\n"
             + "".join(f"{key} = {_toml(value)}\n" for key, value in self._federation.items())

@@ -114,6 +114,9 @@ class FinetuneSettings(BaseModel):
         Torch threads of the training process; ``None``: every core it may use.
     precision:
         ``"auto"`` trains with bf16 autocast where the CPU has native bf16, else fp32.
+    compile:
+        Compile the network for bf16 training (see :func:`dafne_node.model.train.train`'s
+        ``compile_model``).
     checkpoint_every:
         Steps between checkpoints (a killed trainer loses at most this much work).
     """
@@ -134,6 +137,7 @@ class FinetuneSettings(BaseModel):
     seed: int = 0
     threads: int | None = Field(default=None, ge=1)
     precision: Precision = "auto"
+    compile: bool = False
     checkpoint_every: int = Field(default=25, ge=1)
 
     @model_validator(mode="before")
@@ -293,7 +297,7 @@ def _train_resuming(base: LoadedModel, examples: Sequence[TrainingExample],
             epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
             seed=settings.seed, weight_decay=settings.weight_decay,
             contrast_fold=settings.contrast_fold, precision=settings.precision,
-            threads=settings.threads,
+            threads=settings.threads, compile_model=settings.compile,
             checkpoint_dir=checkpoint_dir, checkpoint_every=settings.checkpoint_every,
             **options)
 

@@ -84,7 +84,7 @@ def finetune_settings(config: NodeConfig) -> FinetuneSettings:
         steps=training.steps, lr=training.learning_rate, contrast_fold=training.contrast_fold,
         max_dice_drop=training.max_dice_drop,
         holdout_fraction=training.holdout_fraction, replay_fraction=training.replay_fraction,
-        seed=training.seed, threads=training.threads,
+        seed=training.seed, threads=training.threads, compile=training.compile,
         checkpoint_every=training.checkpoint_every_steps,
     )
 

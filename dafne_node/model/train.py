@@ -338,6 +338,48 @@ def _run_precision(precision: Precision, device: torch.device,
     return resolve_precision(precision)
 
 
+class _Forward:
+    """The training step's forward and backward pass, compiled or as written.
+
+    A compiled forward is built lazily by torch: the compile (and a failure to compile)
+    happens in the first step's forward or backward. Nothing has been applied to the
+    weights by then, so that step can be redone uncompiled.
+    """
+
+    def __init__(self, model: nn.Module, compiled: bool) -> None:
+        self._model = model
+        self._network: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(model) if compiled else model)
+        self._untried = compiled
+
+    def loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, device_type: str,
+                          precision: Literal["bf16", "fp32"]) -> torch.Tensor:
+        """Loss of one batch, with its gradients accumulated into the model's."""
+        try:
+            loss = self._pass(self._network, x, y, device_type, precision)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            if not self._untried:
+                raise
+            reason = str(exc.inner_exception).strip().splitlines() or [""]
+            LOGGER.warning("could not compile the network (%s: %s); training it uncompiled",
+                           type(exc.inner_exception).__name__, reason[0])
+            self._network = self._model
+            self._model.zero_grad(set_to_none=True)
+            loss = self._pass(self._model, x, y, device_type, precision)
+        self._untried = False
+        return loss
+
+    @staticmethod
+    def _pass(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              y: torch.Tensor, device_type: str,
+              precision: Literal["bf16", "fp32"]) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = network(x)
+        loss = dice_ce_loss(logits, y)
+        loss.backward()
+        return loss
+
+
 def _summarise(losses: Sequence[float]) -> tuple[float, float, list[float]]:
     """Initial and final loss (means over a window) and a history of at most ~50 points."""
     if not losses:
@@ -370,6 +412,7 @@ def train(
     between_steps: Callable[[], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
+    compile_model: bool = False,
 ) -> TrainingReport:
     """Train ``model`` in place on labelled volumes; stoppable and resumable at any step.
 
@@ -426,6 +469,15 @@ def train(
     checkpoint_every:
         Also write a checkpoint every this many steps, so that a killed process loses at
         most that much work.
+    compile_model:
+        Run the network's forward and backward through ``torch.compile`` (inductor), which
+        fuses each normalisation, activation and bf16 cast into the kernels around it. On a
+        CPU a step is then 1.3x (16 base channels) to 1.5x (24) faster, after a one-off
+        compile of 30-60 s that inductor caches on disk (a few seconds in later processes).
+        Worth it for long runs and wide networks; where compiling fails (no C++ compiler),
+        the run warns and trains uncompiled. Applies to bf16 training only: in fp32 the
+        compiled step is no faster on a CPU (1.22 s against 1.28 s at 16 channels), and
+        torch 2.13's channels-last rewrite of fp32 training crashed on small networks.
 
     Returns
     -------
@@ -462,6 +514,12 @@ def train(
                 "weight_decay": weight_decay, "augment": augment, "precision": run_precision}
     if contrast_fold:  # absent at 0, so checkpoints of earlier versions stay valid
         settings["contrast_fold"] = contrast_fold
+    compiled = compile_model and run_precision == "bf16"
+    if compiled:  # fused kernels round differently: a resumed run must not switch
+        settings["compiled"] = True
+    elif compile_model:
+        LOGGER.info("compiling applies to bf16 training; this %s run trains uncompiled",
+                    run_precision)
     fingerprint = _fingerprint(model, images, labels, settings)
     gen = torch.Generator().manual_seed(seed)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -489,9 +547,11 @@ def train(
     # (and has crashed there with small group sizes), which outweighs the faster convolutions.
     model.to(device=device, memory_format=torch.contiguous_format)
     start = time.perf_counter()
-    LOGGER.info("training %d steps, batch %d, lr %g, %s, %d threads, on %d slices of %d "
-                "examples", steps, batch_size, lr, run_precision, torch.get_num_threads(),
-                n_slices, len(examples))
+    LOGGER.info("training %d steps, batch %d, lr %g, %s%s, %d threads, on %d slices of %d "
+                "examples", steps, batch_size, lr, run_precision,
+                " compiled" if compiled else "", torch.get_num_threads(), n_slices,
+                len(examples))
+    forward = _Forward(model, compiled)
     bar = tqdm(range(start_step, steps), desc="training", unit="step", disable=not progress,
                dynamic_ncols=True, initial=start_step, total=steps)
     interrupted_at: int | None = None
@@ -509,12 +569,8 @@ def train(
             if augment:
                 x, y = _augment(x, y, gen, contrast_fold)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=run_precision == "bf16"):
-                logits = model(x)
-            loss = dice_ce_loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = forward.loss_and_backward(x, y, device.type, run_precision)
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
             value = float(loss.detach())

@@ -8,6 +8,7 @@ of a run, not what it learns (the end-to-end test and the benchmark check that).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from dafne_node.app.cli import main
 from dafne_node.app.trainer import Trainer
 from dafne_node.config import NodeConfig, load_config
 from dafne_node.learning.training import schedule_training
+from dafne_node.model.infer import resolve_precision
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState, Model
 from tests.node.conftest import Node
 
@@ -158,3 +160,17 @@ def test_train_now_runs_the_waiting_corrections_in_the_foreground(
     assert status["training"]["last_run"]["outcome"] == "accepted"
     assert status["model"]["version"] == "g1-local1"
     assert status["corrections"]["trained"] == 2
+
+
+@pytest.mark.skipif(resolve_precision("auto") != "bf16",
+                    reason="[training] compile applies to bf16 training; this CPU has no bf16")
+def test_compile_in_the_config_compiles_the_trainers_run(
+    corrected: Node, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = training_config(corrected, tmp_path, min_new_examples=1, steps=3,
+                             max_dice_drop=1.0, compile=True)
+    caplog.set_level(logging.INFO, logger="dafne_node.model.train")
+    assert trainer(corrected, config, Clock(OPENS + timedelta(minutes=1))).tick() is True
+    [job] = train_jobs(corrected)
+    assert job.state == JobState.DONE and job.result["outcome"] == "accepted", job.result
+    assert "bf16 compiled" in caplog.text

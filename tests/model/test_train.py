@@ -3,9 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 
 from dafne_node.model.architectures import build_model
-from dafne_node.model.infer import Segmenter
+from dafne_node.model.infer import Segmenter, resolve_precision
 from dafne_node.model.train import TrainingExample, _fold_contrast, evaluate, train
 from dafne_node.phantom.sites import T1_SIGNALS
 
@@ -101,3 +102,52 @@ def test_contrast_fold_changes_training_repeatably(synthetic_volume, tiny_params
     with pytest.raises(ValueError, match="contrast_fold must be a probability"):
         train(build_model("unet2d-res", tiny_params), examples,
               preprocessing=tiny_preprocessing, steps=1, contrast_fold=1.5, progress=False)
+
+
+def _train_tiny(examples, tiny_params, tiny_preprocessing, **options):
+    """Five bf16 steps from fixed weights: (initial state, final state, report)."""
+    torch.manual_seed(3)
+    model = build_model("unet2d-res", tiny_params)
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    report = train(model, examples, preprocessing=tiny_preprocessing, steps=5, batch_size=2,
+                   seed=5, progress=False, threads=1, precision="bf16", **options)
+    return initial, model.state_dict(), report
+
+
+def _mean_abs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(torch.cat([(a[k] - b[k]).abs().flatten() for k in a
+                            if a[k].is_floating_point()]).mean())
+
+
+needs_bf16 = pytest.mark.skipif(resolve_precision("auto") != "bf16",
+                                reason="compiling applies to bf16 training; this CPU has no bf16")
+
+
+@needs_bf16
+def test_compiled_training_reaches_the_weights_of_uncompiled_training(
+        synthetic_volume, tiny_params, tiny_preprocessing) -> None:
+    """Same losses step by step; the weights differ by bf16 rounding, not by their updates."""
+    examples = _examples(synthetic_volume, range(2))
+    initial, plain, plain_report = _train_tiny(examples, tiny_params, tiny_preprocessing)
+    _, compiled, report = _train_tiny(examples, tiny_params, tiny_preprocessing,
+                                      compile_model=True)
+    assert compiled.keys() == plain.keys()  # no compiler wrapper in the saved names
+    np.testing.assert_allclose(report.loss_history, plain_report.loss_history, rtol=2e-3)
+    assert _mean_abs(compiled, plain) < 0.2 * _mean_abs(plain, initial)
+
+
+@needs_bf16
+def test_a_network_that_cannot_be_compiled_trains_uncompiled(
+        synthetic_volume, tiny_params, tiny_preprocessing, monkeypatch, tmp_path,
+        caplog) -> None:
+    """A node without a working C++ compiler still trains, to the same weights."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    examples = _examples(synthetic_volume, range(2))
+    _, plain, _ = _train_tiny(examples, tiny_params, tiny_preprocessing)
+    torch._dynamo.reset()
+    _, fallback, _ = _train_tiny(examples, tiny_params, tiny_preprocessing, compile_model=True)
+    assert "training it uncompiled" in caplog.text
+    for name in plain:
+        torch.testing.assert_close(fallback[name], plain[name], rtol=0, atol=0)
