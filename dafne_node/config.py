@@ -188,8 +188,8 @@ class TrainingSection(_Section):
     threads: int = Field(default=1, ge=1, le=256)
     """CPU threads for training; inference keeps the others."""
     compile: bool = False
-    """Compile the network for bf16 training (``torch.compile``): each step 1.3x (16 base
-    channels) to 1.5x (24) faster, after a compile of 30-60 s on the trainer's first run
+    """Compile the network for bf16 training (``torch.compile``): each step 1.2x (16 base
+    channels) to 1.4x (24) faster, after a compile of 30-60 s on the trainer's first run
     (seconds later, from inductor's disk cache). Needs a C++ compiler; without one the
     trainer warns and trains uncompiled. fp32 training (a CPU without bf16) ignores it."""
     steps: int = Field(default=150, ge=1)

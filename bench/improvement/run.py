@@ -113,7 +113,7 @@ class RunConfig:
     threads: int = 1
     compile: bool = True
     """The nodes' ``[training] compile`` (product default off): compiled bf16 steps are
-    1.3x faster at 16 base channels and 1.5x at 24 (``docs/federated-improvement.md``);
+    1.2x faster at 16 base channels and 1.4x at 24 (``bench/train_step.py``);
     ignored where the CPU trains in fp32."""
     eval_per_site: int = 8
     """Evaluation subjects per site: 8 gives 32 datasets, near Dafne's 38. With 2, one

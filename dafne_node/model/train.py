@@ -472,7 +472,7 @@ def train(
     compile_model:
         Run the network's forward and backward through ``torch.compile`` (inductor), which
         fuses each normalisation, activation and bf16 cast into the kernels around it. On a
-        CPU a step is then 1.3x (16 base channels) to 1.5x (24) faster, after a one-off
+        CPU a step is then 1.2x (16 base channels) to 1.4x (24) faster, after a one-off
         compile of 30-60 s that inductor caches on disk (a few seconds in later processes).
         Worth it for long runs and wide networks; where compiling fails (no C++ compiler),
         the run warns and trains uncompiled. Applies to bf16 training only: in fp32 the
