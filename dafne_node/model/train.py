@@ -338,7 +338,7 @@ def _run_precision(precision: Precision, device: torch.device,
     return resolve_precision(precision)
 
 
-class _Forward:
+class _TrainingPass:
     """The training step's forward and backward pass, compiled or as written.
 
     A compiled forward is built lazily by torch: the compile (and a failure to compile)
@@ -551,7 +551,7 @@ def train(
                 "examples", steps, batch_size, lr, run_precision,
                 " compiled" if compiled else "", torch.get_num_threads(), n_slices,
                 len(examples))
-    forward = _Forward(model, compiled)
+    training_pass = _TrainingPass(model, compiled)
     bar = tqdm(range(start_step, steps), desc="training", unit="step", disable=not progress,
                dynamic_ncols=True, initial=start_step, total=steps)
     interrupted_at: int | None = None
@@ -570,7 +570,7 @@ def train(
                 x, y = _augment(x, y, gen, contrast_fold)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = forward.loss_and_backward(x, y, device.type, run_precision)
+            loss = training_pass.loss_and_backward(x, y, device.type, run_precision)
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
             value = float(loss.detach())
