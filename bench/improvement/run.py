@@ -118,7 +118,7 @@ class RunConfig:
     eval_per_site: int = 8
     """Evaluation subjects per site: 8 gives 32 datasets, near Dafne's 38. With 2, one
     subject decided a site's final mean (site C's two ended 0.869 and 0.907 in the wider
-    network's run), and the mixed model estimated its random slopes from 8 datasets."""
+    network's run)."""
     eval_slices: int = 24
     gate_slices: int = 16
     max_site_drop: float = 0.15
