@@ -19,7 +19,8 @@ seeds. See ``bench/improvement/run.py`` for the protocol.
     .venv/bin/python bench/federated_improvement.py --parallel-arms      # both arms at once
 
 Writes ``results.json``, ``table.md`` and ``dice.png`` into ``--out`` and prints the table
-and the slope fits.
+and the slope fits. Ctrl-C or SIGTERM stops every node and server the run started, then
+exits with 130.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import dataclasses
 import json
 import logging
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -168,8 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     print("weak root, mean Dice per site: " + ", ".join(f"{s} {d:.3f}" for s, d in
                                                          sorted(start.items())), flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="dafne-improvement-"))
-    results = run_arms(config, work, root_dir, datasets, parallel=args.parallel_arms,
-                       progress=print)
+    # SIGTERM (kill, a CI timeout) stops the run as Ctrl-C does: run_arms then stops every
+    # node and server it started before the script exits
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        results = run_arms(config, work, root_dir, datasets, parallel=args.parallel_arms,
+                           progress=print)
+    except KeyboardInterrupt:
+        print(f"interrupted: every node and server stopped; their logs are in {work}",
+              flush=True)
+        return 130
     records = [record for result in results for record in result.records]
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join([".venv/bin/python", "bench/federated_improvement.py",

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,11 +68,21 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
+class ArmStoppedError(RuntimeError):
+    """An arm stopped early: another arm of the run failed, or the run was interrupted."""
+
+
 class Hospital:
-    """A PACS and a node; :meth:`start` launches both, :meth:`stop` ends both."""
+    """A PACS and a node; :meth:`start` launches both, :meth:`stop` ends both.
+
+    Every wait of the driver on the node ends within half a second of ``stop`` being set
+    (:class:`ArmStoppedError`), so that an interrupted run stops its nodes at once rather
+    than after the training run it was waiting for.
+    """
 
     def __init__(self, plan: HospitalPlan, folder: Path, *, dicom_port: int, http_port: int,
-                 federation: Mapping[str, str], settings: NodeSettings) -> None:
+                 federation: Mapping[str, str], settings: NodeSettings,
+                 stop: threading.Event | None = None) -> None:
         self.plan = plan
         self.folder = folder
         self.dicom_port = dicom_port
@@ -86,6 +97,7 @@ class Hospital:
         """One client for every status poll: each ``httpx.get`` builds a TLS context (even
         for plain HTTP), which cost the driver a sixth of its CPU at two polls a second."""
         self.log = folder / "node.log"
+        self._stop = stop or threading.Event()
 
     def start(self) -> None:
         """Start the PACS, then the node; return when the node answers C-ECHO."""
@@ -155,6 +167,8 @@ class Hospital:
     def _wait(self, what: str, condition: Callable[[], Any], timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self._stop.is_set():
+                raise ArmStoppedError(f"{self.plan.name}: stopped while waiting for {what}")
             value = condition()
             if value:
                 return value

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from bench.improvement.hospital import Hospital, HospitalPlan, NodeSettings
+from bench.improvement.hospital import ArmStoppedError, Hospital, HospitalPlan, NodeSettings
 from bench.improvement.radiologist import (
     correct,
     poison_label_flip,
@@ -278,20 +278,18 @@ def _last_run_id(status: dict[str, Any]) -> int:
     return int(run.get("job_id") or 0)
 
 
-class ArmStoppedError(RuntimeError):
-    """An arm stopped early because another arm of the run failed."""
-
-
 def run_arms(config: RunConfig, work: Path, root_dir: Path,
              datasets: dict[str, list[tuple[str, TrainingExample]]], *, parallel: bool,
              progress: Callable[[str], None] = LOGGER.info,
              runner: Callable[..., ArmResult] | None = None) -> list[ArmResult]:
     """Every arm of ``config`` (each in ``work/<arm>``), at once or one after the other.
 
-    The first arm to fail stops the others at their next generation and its error is
-    logged when it happens: arms at once share only the machine, and an arm running on
-    for an hour beside a dead one ends in a run without results. The error raised is the
-    failure itself, not another arm's :class:`ArmStoppedError`. ``runner`` replaces
+    The first arm to fail stops the others and its error is logged when it happens: arms
+    at once share only the machine, and an arm running on for an hour beside a dead one
+    ends in a run without results. The error raised is the failure itself, not another
+    arm's :class:`ArmStoppedError`. Ctrl-C (or SIGTERM, which the script turns into it)
+    stops every arm the same way, and returns once their nodes and servers have stopped:
+    a node left behind keeps training and holds its ports. ``runner`` replaces
     :func:`run_arm` (tests).
     """
     stop = threading.Event()
@@ -299,7 +297,7 @@ def run_arms(config: RunConfig, work: Path, root_dir: Path,
 
     def one(arm: str) -> ArmResult:
         if stop.is_set():  # one after the other: an arm after a failed one does not start
-            raise ArmStoppedError(f"{arm}: not started: another arm of the run failed")
+            raise ArmStoppedError(f"{arm}: not started: the run is stopping")
         try:
             return run(arm, config, work / arm, root_dir, datasets, progress=progress,
                        stop=stop)
@@ -312,6 +310,12 @@ def run_arms(config: RunConfig, work: Path, root_dir: Path,
 
     with ThreadPoolExecutor(max_workers=len(config.arms) if parallel else 1) as pool:
         futures = [pool.submit(one, arm) for arm in config.arms]
+        try:
+            wait(futures)
+        except KeyboardInterrupt:
+            LOGGER.warning("interrupted: stopping every arm's nodes and servers")
+            stop.set()
+            raise  # once the pool has waited for the arms to stop what they started
     errors = [e for e in (f.exception() for f in futures) if e is not None]
     if errors:
         raise next((e for e in errors if not isinstance(e, ArmStoppedError)), errors[0])
@@ -324,7 +328,8 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
             stop: threading.Event | None = None) -> ArmResult:
     """One arm of the run, from the weak root to ``config.generations`` generations.
 
-    ``stop``, once set, ends the arm before its next generation (:class:`ArmStoppedError`).
+    ``stop``, once set, ends the arm within a second while it waits on a node, else before
+    its next generation (:class:`ArmStoppedError`).
     """
     started = time.perf_counter()
     result = ArmResult(arm=arm)
@@ -351,7 +356,8 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
                                   contrast_fold=config.contrast_fold,
                                   replay_fraction=config.replay_fraction,
                                   threads=config.threads, compile=config.compile,
-                                  poll_interval_s=1.0 if plan.train_every == 1 else 3600.0))
+                                  poll_interval_s=1.0 if plan.train_every == 1 else 3600.0),
+            stop=stop)
             for i, plan in enumerate(plans)]
         with contextlib.ExitStack() as running:
             # every hospital is stopped on the way out, also when another's stop raises or
@@ -371,7 +377,7 @@ def run_arm(arm: str, config: RunConfig, work: Path, root_dir: Path,
                 for round_ in range(1, config.generations + 1):
                     if stop is not None and stop.is_set():
                         raise ArmStoppedError(f"{arm}: stopped before generation {round_}: "
-                                              "another arm of the run failed")
+                                              "the run is stopping")
                     outcome = _generation(arm, config, round_, hospitals, server, work, labels)
                     result.outcomes.append(outcome)
                     scored.append(scorer.submit(score, seed_manifest, server.root(), arm,

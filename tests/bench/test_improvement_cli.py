@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,24 @@ def test_one_after_the_other_an_arm_after_a_failed_one_does_not_start(tmp_path: 
     with pytest.raises(RuntimeError, match="ours: the node exited"):
         run_arms(RunConfig(), tmp_path, tmp_path, {}, parallel=False, runner=runner)
     assert started == ["ours"]
+
+
+def test_ctrl_c_stops_every_arm_before_the_run_returns(tmp_path: Path) -> None:
+    """Before, Ctrl-C waited for both arms to finish every generation, and SIGTERM left
+    their nodes and servers running."""
+    stopped: list[str] = []
+
+    def runner(arm: str, config: RunConfig, work: Path, root_dir: Path, datasets: Any, *,
+               progress: Any, stop: threading.Event) -> ArmResult:
+        for _ in range(200):  # at most 10 s: without the stop, the run returns and fails
+            if stop.wait(0.05):
+                stopped.append(arm)
+                raise ArmStoppedError(f"{arm}: stopped")
+        return ArmResult(arm=arm)
+
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_arms(RunConfig(), tmp_path, tmp_path, {}, parallel=True, runner=runner)
+    assert sorted(stopped) == ["dafne", "ours"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench.improvement import hospital, root
-from bench.improvement.hospital import Hospital, HospitalPlan, NodeSettings
+from bench.improvement.hospital import ArmStoppedError, Hospital, HospitalPlan, NodeSettings
 from bench.improvement.radiologist import (
     correct,
     label_permutation,
@@ -239,3 +239,17 @@ def test_a_send_that_finds_no_association_is_sent_again(
         late.join()
         node.stop()
     assert len(index.records) == len(files.images)
+
+
+def test_a_stopped_run_stops_waiting_for_its_node_at_once(tmp_path: Path) -> None:
+    """Ctrl-C during a node's training run stopped nothing until the run ended (minutes)."""
+    stop = threading.Event()
+    waiting = Hospital(HospitalPlan("hospital-a", "A"), tmp_path / "hospital",
+                       dicom_port=free_port(), http_port=free_port(), federation={},
+                       settings=NodeSettings(model_dir=tmp_path, min_new_examples=1, steps=1,
+                                             learning_rate=1e-3), stop=stop)
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(ArmStoppedError, match="hospital-a: stopped while waiting for its run"):
+        waiting.wait_status("its run", lambda status: False, timeout=600)
+    assert time.monotonic() - started < 2
