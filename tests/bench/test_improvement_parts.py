@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -28,7 +29,7 @@ from dafne_node.phantom.study import write_study
 from dicom_scp.receiver import StorageServer
 from dicom_scp.spool import Spool
 from tests.dicom_scp.helpers import MemoryIndex
-from tests.federation.server import free_port
+from tests.federation.server import free_port, set_up
 
 MUSCLES = (1, 2, 3, 4, 5, 6)
 
@@ -253,3 +254,14 @@ def test_a_stopped_run_stops_waiting_for_its_node_at_once(tmp_path: Path) -> Non
     with pytest.raises(ArmStoppedError, match="hospital-a: stopped while waiting for its run"):
         waiting.wait_status("its run", lambda status: False, timeout=600)
     assert time.monotonic() - started < 2
+
+
+def test_setting_up_a_server_in_process_keeps_the_drivers_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The run sets its servers up in the driver's process; an arm's failure logged after
+    that must still reach the driver's log."""
+    caplog.set_level(logging.INFO)
+    set_up(tmp_path / "server", nodes=("hospital-a",))
+    logging.getLogger("bench.improvement.run").warning("hospital-a arm failed")
+    assert "hospital-a arm failed" in caplog.text
+    assert logging.getLogger().level == logging.INFO

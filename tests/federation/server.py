@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import socket
@@ -57,10 +58,22 @@ class FederationSetup:
 
 
 def run_cli(*args: str) -> str:
-    """Run ``dafne-federation ARGS`` in-process; return stdout (fails the test on exit != 0)."""
+    """Run ``dafne-federation ARGS`` in-process; return stdout (fails the test on exit != 0).
+
+    The command sets up logging as its own process would, to the redirected stderr; the
+    caller's handlers and level come back afterwards. Before, everything the multi-hospital
+    run's driver logged after setting up its servers (an arm's failure included) went into
+    a discarded buffer.
+    """
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = federation_cli(["--log-level", "warning", *args])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = federation_cli(["--log-level", "warning", *args])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     assert code == 0, f"dafne-federation {' '.join(args)} exited {code}: {err.getvalue()}"
     return out.getvalue()
 
