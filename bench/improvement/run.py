@@ -395,14 +395,17 @@ def _report(progress: Callable[[str], None], arm: str, config: RunConfig,
     """The progress line of a generation, once its root is scored."""
     if scored.exception() is not None:
         return  # raised where the arm collects its records
-    mean = float(np.mean([record.dice for record in scored.result()]))
+    records = scored.result()
+    mean = float(np.mean([record.dice for record in records]))
+    sites = ", ".join(f"{site} {np.mean([r.dice for r in records if r.site == site]):.3f}"
+                      for site in sorted({r.site for r in records}))
     elapsed = time.perf_counter() - started
     left = elapsed / outcome.round * (config.generations - outcome.round)
     verdict = f"promoted g{outcome.number}" if outcome.promoted else "rejected"
     refused = f", {len(outcome.refused)} refused" if outcome.refused else ""
     progress(f"{arm}: generation {outcome.round}/{config.generations}: {verdict} "
              f"({outcome.updates} updates{refused}, {outcome.seconds:.0f} s), "
-             f"mean Dice {mean:.3f}; {elapsed / 60:.0f} min so far, about "
+             f"mean Dice {mean:.3f} ({sites}); {elapsed / 60:.0f} min so far, about "
              f"{left / 60:.0f} min to go")
 
 
