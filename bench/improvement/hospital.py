@@ -100,7 +100,7 @@ class Hospital:
         self._stop = stop or threading.Event()
 
     def start(self) -> None:
-        """Start the PACS, then the node; return when the node answers C-ECHO."""
+        """Start the PACS, then the node; return when the node answers C-ECHO and HTTP."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self._pacs.start()
         self._start_node()
@@ -131,6 +131,8 @@ class Hospital:
                 [DAFNE_NODE, "--log-level", "info", "serve", "--config", str(config)],
                 env=env, stdout=out, stderr=subprocess.STDOUT)
         self._wait("the node to answer C-ECHO", self._echo_ok, 120)
+        # the admin API starts after the DICOM listener; on a busy machine, seconds later
+        self._wait("the node's admin API", self.status, 120)
 
     def stop(self) -> None:
         """SIGTERM the node (it finishes what it holds), then stop the PACS."""
