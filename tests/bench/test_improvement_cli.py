@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.federated_improvement import build_parser, run_config
-from bench.improvement.run import ArmResult, ArmStoppedError, RunConfig, run_arms
+from bench.improvement.run import (
+    ArmResult,
+    ArmStoppedError,
+    GenerationOutcome,
+    RunConfig,
+    _report,
+    run_arms,
+)
+from bench.improvement.stats import DiceRecord
 
 
 def train_every(config: RunConfig) -> dict[str, int]:
@@ -112,3 +122,17 @@ def test_ctrl_c_stops_every_arm_before_the_run_returns(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_arms(RunConfig(), tmp_path, tmp_path, {}, parallel=True, runner=runner)
     assert sorted(stopped) == ["dafne", "ours"]
+
+
+def test_a_generations_progress_line_gives_every_sites_mean(tmp_path: Path) -> None:
+    """Site C is the one that lags: someone watching an hour-long run wants to see it."""
+    scored: Future[list[DiceRecord]] = Future()
+    scored.set_result([DiceRecord("ours", 3, site, f"{site}{i}", dice)
+                       for site, dices in {"A": (0.9, 0.8), "C": (0.6, 0.7)}.items()
+                       for i, dice in enumerate(dices)])
+    lines: list[str] = []
+    outcome = GenerationOutcome(round=3, number=4, promoted=True, reason="", updates=4,
+                                seconds=400.0)
+    _report(lines.append, "ours", RunConfig(), outcome, time.perf_counter() - 1200, scored)
+    assert "mean Dice 0.750 (A 0.850, C 0.650)" in lines[0]
+    assert lines[0].startswith("ours: generation 3/10: promoted g4 (4 updates, 400 s)")
