@@ -31,14 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.federated_round import example  # noqa: E402 - path set up above
+from bench.federated_round import SITES, example  # noqa: E402 - path set up above
 from bench.improvement.root import weak_root  # noqa: E402
 from bench.improvement.run import STUDY_SEED, RunConfig, evaluation_set  # noqa: E402
 from dafne_node.model.infer import Segmenter  # noqa: E402
 from dafne_node.model.manifest import LoadedModel, load_model_dir  # noqa: E402
 from dafne_node.model.train import TrainingExample, evaluate, train  # noqa: E402
 
-SITES = "ABCD"
 STUDIES_PER_SITE = 8
 
 
