@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dafne_node.config import NodeConfig
@@ -218,25 +219,24 @@ class TrainHandler:
         local_round = int(latest_round) + 1
         out_dir = self._config.node.data_dir / "models" / model_dir_name(name, generation,
                                                                          local_round)
-        beat = _Heartbeat(self._sessions, claimed)
+        with _Heartbeat(self._sessions, claimed) as beat:
 
-        def should_stop() -> bool:
-            return self._stop.is_set() or beat.lost or self._window_closed(closes_at)
+            def should_stop() -> bool:
+                return self._stop.is_set() or beat.lost or self._window_closed(closes_at)
 
-        def between_steps() -> None:
-            beat.maybe()
-            while self._segmentation_waits() and not should_stop():
-                beat.maybe()
-                time.sleep(PAUSE_POLL_S)
+            def between_steps() -> None:
+                while self._segmentation_waits() and not should_stop():
+                    time.sleep(PAUSE_POLL_S)
 
-        return finetune(
-            base_dir, self._load(selection.new), self._load(selection.replay),
-            self._load(selection.heldout), finetune_settings(self._config),
-            out_dir=out_dir, checkpoint_dir=self._config.node.data_dir / "training" / "checkpoint",
-            root_dir=root_dir if base_dir != root_dir else None,
-            local_round=local_round, should_stop=should_stop, between_steps=between_steps,
-            progress=self._progress,
-        )
+            return finetune(
+                base_dir, self._load(selection.new), self._load(selection.replay),
+                self._load(selection.heldout), finetune_settings(self._config),
+                out_dir=out_dir,
+                checkpoint_dir=self._config.node.data_dir / "training" / "checkpoint",
+                root_dir=root_dir if base_dir != root_dir else None,
+                local_round=local_round, should_stop=should_stop, between_steps=between_steps,
+                progress=self._progress,
+            )
 
     def _window_closed(self, closes_at: datetime | None) -> bool:
         return closes_at is not None and self._clock() >= closes_at
@@ -335,23 +335,46 @@ class TrainHandler:
 
 
 class _Heartbeat:
-    """Records every :data:`HEARTBEAT_EVERY_S` that the training job is alive."""
+    """Records every :data:`HEARTBEAT_EVERY_S`, from its own thread, that the job is alive.
+
+    Why a thread and not a beat between steps: one step can outlast the node's take-over
+    limit. The first step of a compiled run compiles the network (150-170 s with eight
+    nodes compiling on two cores in the multi-hospital run), so the node took the job over
+    mid-compile and the run started again from its checkpoint, compiling again; where a
+    compile always takes longer, the run never ends. Like the node's own jobs, a training
+    job is alive while its process is. ``lost`` tells the run, at its next step, that
+    another process took the job after all (this one was silent too long): stop.
+    """
 
     def __init__(self, sessions: sessionmaker[Session], claimed: ClaimedJob) -> None:
         self._sessions = sessions
         self._claimed = claimed
-        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name=f"train-job-{claimed.id}-heartbeat")
         self.lost = False
-        """Another process took the job over (this one was silent too long): stop."""
 
-    def maybe(self) -> None:
-        if time.monotonic() - self._last < HEARTBEAT_EVERY_S:
-            return
-        self._last = time.monotonic()
-        with self._sessions() as session, session.begin():
-            if not heartbeat(session, self._claimed.id, self._claimed.worker_id):
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._done.wait(HEARTBEAT_EVERY_S):
+            try:
+                with self._sessions() as session, session.begin():
+                    ours = heartbeat(session, self._claimed.id, self._claimed.worker_id)
+            except SQLAlchemyError:  # a database blip: the next beat tries again
+                LOGGER.exception("train job %d: could not record its heartbeat",
+                                 self._claimed.id)
+                continue
+            if not ours:
                 LOGGER.warning("train job %d is no longer this trainer's", self._claimed.id)
                 self.lost = True
+                return
 
 
 def _still_ours(job: Job | None, claimed: ClaimedJob) -> bool:

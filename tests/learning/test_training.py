@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,8 +21,10 @@ from sqlalchemy import select
 from dafne_node.app.cli import main
 from dafne_node.app.trainer import Trainer
 from dafne_node.config import NodeConfig, load_config
+from dafne_node.learning import training
 from dafne_node.learning.training import schedule_training
 from dafne_node.model.infer import resolve_precision
+from db.jobs import requeue_stale_jobs
 from db.node_models import Correction, CorrectionState, Job, JobKind, JobState, Model
 from tests.node.conftest import Node
 
@@ -174,3 +177,72 @@ def test_compile_in_the_config_compiles_the_trainers_run(
     [job] = train_jobs(corrected)
     assert job.state == JobState.DONE and job.result["outcome"] == "accepted", job.result
     assert "bf16 compiled" in caplog.text
+
+
+def test_a_step_longer_than_the_take_over_limit_keeps_its_job(
+    corrected: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first step of a compiled run compiles for minutes: the node must not take it over.
+
+    The run's first step is made to last 1.5 s, three take-over limits of 0.5 s; at its end
+    the node's take-over sweep runs, as the node's maintenance loop would, and must find
+    nothing stale.
+    """
+    _, sessions = corrected
+    config = training_config(corrected, tmp_path, min_new_examples=1, steps=3,
+                             max_dice_drop=1.0)
+    monkeypatch.setattr(training, "HEARTBEAT_EVERY_S", 0.1)
+    real_finetune = training.finetune
+    taken_over: list[int] = []
+
+    def first_step_is_slow(*args: object, between_steps: Callable[[], None],
+                           **kwargs: object) -> object:
+        def slow_then_sweep() -> None:
+            if not taken_over:
+                time.sleep(1.5)
+                with sessions() as session, session.begin():
+                    taken_over.append(requeue_stale_jobs(
+                        session, stale_after=timedelta(seconds=0.5)))
+            between_steps()
+        return real_finetune(*args, between_steps=slow_then_sweep, **kwargs)
+
+    monkeypatch.setattr(training, "finetune", first_step_is_slow)
+    assert trainer(corrected, config, Clock(OPENS + timedelta(minutes=1))).tick() is True
+    assert taken_over == [0], "the node took the running job over"
+    [job] = train_jobs(corrected)
+    assert job.state == JobState.DONE, job.error
+    assert job.result["outcome"] == "accepted", job.result
+    assert job.result["report"]["resumed_from"] == 0, "the run never restarted"
+
+
+def test_a_run_whose_job_was_taken_over_stops_and_leaves_it_to_the_new_owner(
+    corrected: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A trainer silent too long (a frozen VM) learns at its next step that the job is gone."""
+    _, sessions = corrected
+    config = training_config(corrected, tmp_path, min_new_examples=1, steps=40,
+                             max_dice_drop=1.0)
+    monkeypatch.setattr(training, "HEARTBEAT_EVERY_S", 0.1)
+    real_finetune = training.finetune
+    steps: list[int] = []
+
+    def taken_over_after_the_first_step(*args: object, between_steps: Callable[[], None],
+                                        **kwargs: object) -> object:
+        def step_then_take_over() -> None:
+            steps.append(len(steps))
+            if len(steps) == 1:  # another trainer claims the job; the heartbeat notices
+                with sessions() as session, session.begin():
+                    job = session.scalars(select(Job).where(Job.kind == JobKind.TRAIN)).one()
+                    job.claimed_by = "other-trainer"
+                time.sleep(0.5)
+            between_steps()
+        return real_finetune(*args, between_steps=step_then_take_over, **kwargs)
+
+    monkeypatch.setattr(training, "finetune", taken_over_after_the_first_step)
+    trainer(corrected, config, Clock(OPENS + timedelta(minutes=1))).tick()
+    assert len(steps) < 5, f"the run went on for {len(steps)} steps after losing its job"
+    [job] = train_jobs(corrected)
+    assert (job.state, job.claimed_by, job.result) == (JobState.RUNNING, "other-trainer", None)
+    with sessions() as session:
+        assert set(session.scalars(select(Correction.state))) == {CorrectionState.QUEUED}
+        assert session.scalars(select(Model).where(Model.local_round > 0)).all() == []
