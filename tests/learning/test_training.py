@@ -179,6 +179,26 @@ def test_compile_in_the_config_compiles_the_trainers_run(
     assert "bf16 compiled" in caplog.text
 
 
+def after_each_step(monkeypatch: pytest.MonkeyPatch, hook: Callable[[int], None]) -> None:
+    """Run ``hook(step)`` at the end of each step of the trainer's runs (step 1 first).
+
+    The trainer's heartbeat ticks every 0.1 s here, so a hook that sleeps a few tenths of a
+    second stands for a step that outlasts the node's take-over limit.
+    """
+    monkeypatch.setattr(training, "HEARTBEAT_EVERY_S", 0.1)
+    real_finetune = training.finetune
+
+    def finetune(*args: object, between_steps: Callable[[], None], **kwargs: object) -> object:
+        steps = iter(range(1, 1_000_000))
+
+        def hooked() -> None:
+            hook(next(steps))
+            between_steps()
+        return real_finetune(*args, between_steps=hooked, **kwargs)
+
+    monkeypatch.setattr(training, "finetune", finetune)
+
+
 def test_a_step_longer_than_the_take_over_limit_keeps_its_job(
     corrected: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -191,22 +211,16 @@ def test_a_step_longer_than_the_take_over_limit_keeps_its_job(
     _, sessions = corrected
     config = training_config(corrected, tmp_path, min_new_examples=1, steps=3,
                              max_dice_drop=1.0)
-    monkeypatch.setattr(training, "HEARTBEAT_EVERY_S", 0.1)
-    real_finetune = training.finetune
     taken_over: list[int] = []
 
-    def first_step_is_slow(*args: object, between_steps: Callable[[], None],
-                           **kwargs: object) -> object:
-        def slow_then_sweep() -> None:
-            if not taken_over:
-                time.sleep(1.5)
-                with sessions() as session, session.begin():
-                    taken_over.append(requeue_stale_jobs(
-                        session, stale_after=timedelta(seconds=0.5)))
-            between_steps()
-        return real_finetune(*args, between_steps=slow_then_sweep, **kwargs)
+    def slow_first_step_then_sweep(step: int) -> None:
+        if step == 1:
+            time.sleep(1.5)
+            with sessions() as session, session.begin():
+                taken_over.append(requeue_stale_jobs(session,
+                                                     stale_after=timedelta(seconds=0.5)))
 
-    monkeypatch.setattr(training, "finetune", first_step_is_slow)
+    after_each_step(monkeypatch, slow_first_step_then_sweep)
     assert trainer(corrected, config, Clock(OPENS + timedelta(minutes=1))).tick() is True
     assert taken_over == [0], "the node took the running job over"
     [job] = train_jobs(corrected)
@@ -222,23 +236,17 @@ def test_a_run_whose_job_was_taken_over_stops_and_leaves_it_to_the_new_owner(
     _, sessions = corrected
     config = training_config(corrected, tmp_path, min_new_examples=1, steps=40,
                              max_dice_drop=1.0)
-    monkeypatch.setattr(training, "HEARTBEAT_EVERY_S", 0.1)
-    real_finetune = training.finetune
     steps: list[int] = []
 
-    def taken_over_after_the_first_step(*args: object, between_steps: Callable[[], None],
-                                        **kwargs: object) -> object:
-        def step_then_take_over() -> None:
-            steps.append(len(steps))
-            if len(steps) == 1:  # another trainer claims the job; the heartbeat notices
-                with sessions() as session, session.begin():
-                    job = session.scalars(select(Job).where(Job.kind == JobKind.TRAIN)).one()
-                    job.claimed_by = "other-trainer"
-                time.sleep(0.5)
-            between_steps()
-        return real_finetune(*args, between_steps=step_then_take_over, **kwargs)
+    def taken_over_after_the_first_step(step: int) -> None:
+        steps.append(step)
+        if step == 1:  # another trainer claims the job; the heartbeat notices
+            with sessions() as session, session.begin():
+                job = session.scalars(select(Job).where(Job.kind == JobKind.TRAIN)).one()
+                job.claimed_by = "other-trainer"
+            time.sleep(0.5)
 
-    monkeypatch.setattr(training, "finetune", taken_over_after_the_first_step)
+    after_each_step(monkeypatch, taken_over_after_the_first_step)
     trainer(corrected, config, Clock(OPENS + timedelta(minutes=1))).tick()
     assert len(steps) < 5, f"the run went on for {len(steps)} steps after losing its job"
     [job] = train_jobs(corrected)
