@@ -9,7 +9,7 @@ site C ended 0.04-0.08 below the other sites. A hospital whose scans the federat
 worst, generation after generation, has little reason to stay in it.
 
 After screening the worker knows what every update does to every validation site (the
-influences: the candidate scored with all updates and without each one). This step takes the
+influences: the candidate scored with all kept updates and without each one). This step takes the
 site the candidate scores lowest, picks the update that raises it most, and builds the
 candidate again with that update counted ``factor`` times (as if its node had trained on
 ``factor`` times its series), for each factor asked for. It keeps the candidate whose lowest
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from federation.gate import Scores
-from federation.screening import Influence, Screening, leave_one_out
+from federation.screening import Influence, Screening
 from federation.strategies.base import AggregationResult, BufferedUpdate
 
 __all__ = ["Lift", "lift_weakest_site", "weakest_site"]
@@ -114,11 +114,9 @@ def lift_weakest_site(
     site = weakest_site(screening.scores)
     if site is None or not factors or len(screening.kept) < 2 or not screening.influences:
         return screening, None
-    # Influences measured beside a refused update say little about the rest (beside a
-    # label-flipped update the candidate scores near zero everywhere): measure them again.
-    influences = screening.influences if not screening.refused else leave_one_out(
-        screening.kept, screening.scores, build=build, score=score)
-    helper = _best_helper(influences, site)
+    # Screening's last pass measured these among the kept updates, without the refused ones
+    # (beside a label-flipped update the candidate scores near zero everywhere).
+    helper = _best_helper(screening.influences, site)
     if helper is None:
         LOGGER.info("no update raises the weakest site %s: nothing to lift", site)
         return screening, None

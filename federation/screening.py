@@ -20,7 +20,15 @@ handle (site C's water images against a model that knows T1) raises its own site
 costs the others a little at first, so by the mean alone it measures harmful; refusing it
 would keep that hospital out of the federation for good.
 
-It costs one scoring of the validation set per update, plus one. A single update is not
+Screening repeats on the updates it kept until a pass refuses nothing. Beside a wrecking
+update the candidate scores near zero everywhere, and every other update measures against
+that wreck: a harmful one can then look helpful (in the multi-hospital run, a two
+generations stale update that the clean buffer refused raised the mean from 0.233 to 0.261
+beside a label-flipped one, and so was kept). Measured again among the kept updates, it is
+refused as in the clean buffer, so a poisoned hospital changes nothing that screening
+decides about the others.
+
+A pass costs one scoring of the validation set per update, plus one. A single update is not
 screened: its influence is exactly what the gate measures. If every update of a buffer
 measures harmful, none is refused and the gate decides: screening picks out the few that
 disagree with the rest, it does not judge the whole buffer. A small negative influence within
@@ -84,6 +92,8 @@ class Screening:
     refused: dict[str, str] = field(default_factory=dict)
     """Refused update id -> the reason recorded for it."""
     influences: list[Influence] = field(default_factory=list)
+    """The last pass's influences: each kept update's, measured among the kept ones (empty
+    when fewer than two were kept, or screening is off)."""
 
 
 def leave_one_out(
@@ -117,6 +127,8 @@ def screen(
 ) -> Screening:
     """Leave out the updates whose presence lowers the candidate's validation Dice.
 
+    Passes repeat on the kept updates until one refuses nothing (see the module's text).
+
     Parameters
     ----------
     updates:
@@ -132,26 +144,31 @@ def screen(
     """
     if max_influence_drop is not None and not (0 <= max_influence_drop < math.inf):
         raise ValueError(f"max_influence_drop must be >= 0, not {max_influence_drop}")
-    candidate = build(updates)
+    kept = list(updates)
+    candidate = build(kept)
     scores = score(candidate.state)
-    if max_influence_drop is None or len(updates) < 2:
-        return Screening(kept=list(updates), candidate=candidate, scores=scores)
-    influences = leave_one_out(updates, scores, build=build, score=score)
-    harmful = {i.update_id: i for i in influences if i.helps_nobody(max_influence_drop)}
-    if not harmful or len(harmful) == len(updates):
-        if harmful:
+    if max_influence_drop is None:
+        return Screening(kept=kept, candidate=candidate, scores=scores)
+    refused: dict[str, str] = {}
+    influences: list[Influence] = []
+    while len(kept) >= 2:
+        influences = leave_one_out(kept, scores, build=build, score=score)
+        harmful = {i.update_id: i for i in influences if i.helps_nobody(max_influence_drop)}
+        if not harmful:
+            break
+        if len(harmful) == len(kept):
             LOGGER.warning("every update of the buffer lowers the candidate; none is refused "
                            "and the gate decides")
-        return Screening(kept=list(updates), candidate=candidate, scores=scores,
-                         influences=influences)
-    kept = [u for u in updates if u.update_id not in harmful]
-    candidate = build(kept)
-    refused = {
-        update_id: (f"refused on negative influence: the candidate's mean validation Dice is "
-                    f"{i.with_update.mean:.4f} with this update and {i.without_update.mean:.4f} "
-                    f"without it, and no site gains as much with it")
-        for update_id, i in harmful.items()}
-    for update_id, reason in refused.items():
-        LOGGER.warning("update %s %s", update_id, reason)
-    return Screening(kept=kept, candidate=candidate, scores=score(candidate.state),
-                     refused=refused, influences=influences)
+            break
+        for update_id, i in harmful.items():
+            refused[update_id] = (
+                f"refused on negative influence: the candidate's mean validation Dice is "
+                f"{i.with_update.mean:.4f} with this update and {i.without_update.mean:.4f} "
+                f"without it, and no site gains as much with it")
+            LOGGER.warning("update %s %s", update_id, refused[update_id])
+        kept = [u for u in kept if u.update_id not in harmful]
+        candidate = build(kept)
+        scores = score(candidate.state)
+        influences = []
+    return Screening(kept=kept, candidate=candidate, scores=scores, refused=refused,
+                     influences=influences)

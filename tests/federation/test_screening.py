@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from federation.gate import Scores
-from federation.screening import screen
+from federation.screening import leave_one_out, screen
 from federation.strategies import AggregationResult, BufferedUpdate, FedBuff
 
 CURRENT = {"w": torch.tensor([0.0])}
@@ -50,7 +50,29 @@ def test_the_update_that_drags_the_candidate_down_is_refused_with_its_influence(
     assert "0.0000 with this update and 1.0000 without it" in result.refused["flipped"]
     assert float(result.candidate.state["w"][0]) == pytest.approx(1.0)
     assert result.scores.mean == pytest.approx(1.0)
-    assert scorer.calls == 1 + 3 + 1  # all, each left out, the candidate of the rest
+    # all, each left out, the candidate of the rest, each of the rest left out (none refused)
+    assert scorer.calls == 1 + 3 + 1 + 2
+    assert sorted(i.update_id for i in result.influences) == ["good-1", "good-2"]
+
+
+def test_a_harmful_update_that_looks_helpful_beside_a_wreck_is_refused_as_without_it() -> None:
+    # Without the wreck, "stale" (it overshoots) lowers the candidate and is refused. Beside
+    # the wreck the candidate is so far off that "stale" pulls it back a little and measures
+    # helpful; the second pass, among the kept updates, refuses it as the clean buffer does.
+    updates = [_update("good-1", 0.9), _update("good-2", 1.1), _update("stale", 2.5)]
+    clean = screen(updates, build=_build, score=_Scorer(), max_influence_drop=0.005)
+    scorer = _Scorer()
+
+    poisoned = screen([*updates, _update("wreck", -10.0)], build=_build, score=scorer,
+                      max_influence_drop=0.005)
+
+    assert list(clean.refused) == ["stale"]
+    assert list(poisoned.refused) == ["wreck", "stale"]
+    assert "-1.3750 with this update and 0.5000 without it" in poisoned.refused["wreck"]
+    assert [u.update_id for u in poisoned.kept] == [u.update_id for u in clean.kept]
+    assert float(poisoned.candidate.state["w"][0]) == float(clean.candidate.state["w"][0])
+    assert poisoned.scores.mean == pytest.approx(1.0)
+    assert scorer.calls == (1 + 4) + (1 + 3) + (1 + 2)  # three passes: 4, 3 and 2 updates
 
 
 def test_a_new_sites_update_that_costs_the_others_a_little_is_kept() -> None:
@@ -79,9 +101,11 @@ def test_a_site_scoring_near_zero_that_moves_a_little_is_no_excuse() -> None:
 
     result = screen(updates, build=_build, score=two_sites, max_influence_drop=0.005)
 
-    (wreck,) = (i for i in result.influences if i.update_id == "wreck")
-    assert wreck.best_site_gain > 0.005
     assert list(result.refused) == ["wreck"]
+    influences = leave_one_out(updates, two_sites(_build(updates).state), build=_build,
+                               score=two_sites)
+    (wreck,) = (i for i in influences if i.update_id == "wreck")
+    assert wreck.best_site_gain > 0.005
 
 
 def test_a_single_update_is_left_to_the_gate() -> None:
