@@ -25,8 +25,8 @@ update the candidate scores near zero everywhere, and every other update measure
 that wreck: a harmful one can then look helpful (in the multi-hospital run, a two
 generations stale update that the clean buffer refused raised the mean from 0.233 to 0.261
 beside a label-flipped one, and so was kept). Measured again among the kept updates, it is
-refused as in the clean buffer, so a poisoned hospital changes nothing that screening
-decides about the others.
+refused as in the clean buffer: replayed with repeated passes, that generation's weights
+were the clean run's, bit for bit.
 
 A pass costs one scoring of the validation set per update, plus one. A single update is not
 screened: its influence is exactly what the gate measures. If every update of a buffer

@@ -340,10 +340,11 @@ class _Heartbeat:
     Why a thread and not a beat between steps: one step can outlast the node's take-over
     limit. The first step of a compiled run compiles the network (150-170 s with eight
     nodes compiling on two cores in the multi-hospital run), so the node took the job over
-    mid-compile and the run started again from its checkpoint, compiling again; where a
-    compile always takes longer, the run never ends. Like the node's own jobs, a training
-    job is alive while its process is. ``lost`` tells the run, at its next step, that
-    another process took the job after all (this one was silent too long): stop.
+    mid-compile and the run started again from its checkpoint, compiling again (and on a
+    shared PostgreSQL, another node's trainer could claim it meanwhile). Like the node's
+    own jobs, a training job is alive while its process is. ``lost`` tells the run, at its
+    next step, that another process took the job after all (this one was silent too long):
+    stop.
     """
 
     def __init__(self, sessions: sessionmaker[Session], claimed: ClaimedJob) -> None:
