@@ -91,6 +91,20 @@ def test_a_new_sites_update_that_costs_the_others_a_little_is_kept() -> None:
     assert result.refused == {}
 
 
+def test_repeated_passes_never_refuse_more_than_half_of_the_buffer() -> None:
+    # The first pass refuses the two that overshoot most; among the other two, "u-1.6" then
+    # measures harmful too, but refusing it would refuse three of four: it is kept.
+    updates = [_update("u-1.0", 1.0), _update("u-1.6", 1.6), _update("u-2.2", 2.2),
+               _update("u-2.8", 2.8)]
+
+    result = screen(updates, build=_build, score=_Scorer(), max_influence_drop=0.005)
+
+    assert sorted(result.refused) == ["u-2.2", "u-2.8"]
+    assert [u.update_id for u in result.kept] == ["u-1.0", "u-1.6"]
+    (second,) = (i for i in result.influences if i.update_id == "u-1.6")
+    assert second.helps_nobody(0.005), "the second pass measured it harmful"
+
+
 def test_a_site_scoring_near_zero_that_moves_a_little_is_no_excuse() -> None:
     # The wreck drags site A down by 0.6 and moves site C, near zero, up by 0.01.
     def two_sites(state: Mapping[str, torch.Tensor]) -> Scores:
