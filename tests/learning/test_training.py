@@ -7,6 +7,7 @@ of a run, not what it learns (the end-to-end test and the benchmark check that).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -189,7 +190,7 @@ def after_each_step(monkeypatch: pytest.MonkeyPatch, hook: Callable[[int], None]
     real_finetune = training.finetune
 
     def finetune(*args: object, between_steps: Callable[[], None], **kwargs: object) -> object:
-        steps = iter(range(1, 1_000_000))
+        steps = itertools.count(1)
 
         def hooked() -> None:
             hook(next(steps))
